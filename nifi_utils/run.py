@@ -1,0 +1,79 @@
+"""Layer 7 (pipeline): the papermill runner, `python -m nifi_utils.run <stage> [--profile P]`.
+
+Reads the stage from dvc.yaml and its parameters from params.yaml, creates the output folders
+(DVC deletes outs before running a stage), executes the jupytext py:percent notebook with
+papermill (kernel python3, cwd = repository root, cell output logged, per-cell timeout) and
+writes the executed notebook under reports/<profile>/executed/. A failing cell gives one line
+naming the cell and the error, and exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import REPO_ROOT, NifiError
+from .params import stage_params, stage_spec
+
+
+def prepare_outputs(outs: list[Path]) -> None:
+    """Folders for directory outs, parent folders for file outs."""
+    for o in outs:
+        (o.parent if o.suffix else o).mkdir(parents=True, exist_ok=True)
+
+
+def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_output: bool = True) -> Path:
+    import jupytext
+    import papermill as pm
+
+    spec = stage_spec(stage, profile)
+    params = stage_params(stage, profile)
+    if not spec.notebook.is_file():
+        raise NifiError(f"notebook {spec.notebook} not found")
+    prepare_outputs(spec.outs)
+    nb = jupytext.read(spec.notebook)
+    if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells):
+        raise NifiError(f"{spec.notebook} has no cell tagged 'parameters'")
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    os.environ.setdefault("NIFI_QUIET", "1")  # the kernel inherits it: throttled progress bars
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / (spec.notebook.stem + ".ipynb")
+        jupytext.write(nb, src)
+        t0 = time.time()
+        print(f"[nifi run] {stage} (profile {params['profile']}): {spec.notebook.relative_to(REPO_ROOT)} -> "
+              f"{spec.executed.relative_to(REPO_ROOT)}", file=sys.stderr, flush=True)
+        try:
+            pm.execute_notebook(
+                str(src), str(spec.executed), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
+                log_output=log_output, progress_bar=False, execution_timeout=timeout, request_save_on_cell_execute=True,
+            )
+        except pm.PapermillExecutionError as e:
+            raise NifiError(
+                f"stage {stage} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
+                f"executed notebook: {spec.executed.relative_to(REPO_ROOT)}") from None
+    print(f"[nifi run] {stage} done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    return spec.executed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nifi_utils.run", description=__doc__.splitlines()[0])
+    ap.add_argument("stage", help="a stage of dvc.yaml, e.g. scenes")
+    ap.add_argument("--profile", choices=["cpu", "tiny", "paper"], help="override params.yaml's profile")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
+    ap.add_argument("--quiet", action="store_true", help="do not echo cell output")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run_stage(args.stage, args.profile, args.timeout, log_output=not args.quiet)
+    except NifiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
