@@ -34,7 +34,8 @@ class Camera:
         return torch.from_numpy(np.linalg.inv(self.c2w @ GL_TO_CV)).float()
 
     def K(self) -> torch.Tensor:
-        return torch.tensor([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]])
+        k = [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]]
+        return torch.tensor([[float(v) for v in row] for row in k], dtype=torch.float32)
 
     @property
     def position(self) -> np.ndarray:

@@ -116,8 +116,9 @@ def _pixel_features(tile_size: int, dtype, device) -> Tensor:
     return torch.stack([px * px, px * py, py * py, px, py, torch.ones_like(px)], -1)
 
 
-def _composite_batch(feats, mean_local, conic, opac, color, valid, chunk: int):
-    """Front-to-back compositing of B tiles; inputs are per (tile, slot) [B,K,...] in depth order.
+def _composite_batch(feats, mean_local, conic, opac, color, chunk: int):
+    """Front-to-back compositing of B tiles; inputs are per (tile, slot) [B,K,...] in depth order
+    (padding slots have opacity 0).
 
     Returns colors [B,P,D] and alphas [B,P]. Chunks of `chunk` Gaussians are walked in order,
     carrying log-transmittance; the walk stops once every pixel of the batch is done.
@@ -136,7 +137,7 @@ def _composite_batch(feats, mean_local, conic, opac, color, valid, chunk: int):
         sl = slice(k0, min(K, k0 + chunk))
         sigma = torch.matmul(feats, w[:, sl].transpose(1, 2))  # [B,P,k]
         alpha = torch.clamp(opac[:, None, sl] * torch.exp(-sigma), max=ALPHA_MAX)
-        keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD) & valid[:, None, sl]
+        keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
         alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
         log1m = torch.log1p(-alpha)
         cum = log_t[:, :, None] + torch.cumsum(log1m, -1)  # log T after each Gaussian
@@ -174,6 +175,8 @@ def rasterize_tiles(means2d, conics, colors, opacities, radii, depths, width, he
     while i < len(order):
         kmax = tc[order[i]]
         nb = max(1, min(len(order) - i, max_batch_elems // max(1, kmax * P)))
+        # close the batch where lists get much shorter: padding to kmax would waste work
+        nb = max(1, next((j for j in range(nb) if tc[order[i + j]] < 0.7 * kmax), nb))
         ids = torch.tensor(order[i:i + nb], device=dev)
         i += nb
         slot = torch.arange(kmax, device=dev)
@@ -182,7 +185,7 @@ def rasterize_tiles(means2d, conics, colors, opacities, radii, depths, width, he
         origin = (torch.stack([ids % tiles_x, ids // tiles_x], -1).to(dt) + 0.5) * tile_size
 
         def run(m2d, con, col, op, g=g, origin=origin, valid=valid):
-            return _composite_batch(feats, m2d[g] - origin[:, None], con[g], op[g], col[g], valid, chunk)
+            return _composite_batch(feats, m2d[g] - origin[:, None], con[g], op[g] * valid, col[g], chunk)
 
         if need_grad:
             c_b, a_b = checkpoint(run, means2d, conics, colors, opacities, use_reentrant=False)

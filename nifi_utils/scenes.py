@@ -362,7 +362,9 @@ def generate_scene(spec: SceneSpec) -> tuple[GaussianScene, CameraSet]:
     for _ in range(n_obj):
         for _try in range(50):
             size = rng.uniform(0.45, 1.0)
-            x, y = rng.uniform(-2.0, 2.0, 2)
+            # objects stay well inside the camera orbit so no view is blocked by one
+            rad_o, ang_o = 1.9 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+            x, y = rad_o * np.cos(ang_o), rad_o * np.sin(ang_o)
             if all((x - px) ** 2 + (y - py) ** 2 > (0.8 * (size + pr)) ** 2 for px, py, pr in placed):
                 break
         placed.append((x, y, size))
@@ -396,7 +398,7 @@ def orbit_cameras(rng: np.random.Generator, spec: SceneSpec) -> CameraSet:
     n = spec.n_views
     az = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi) + rng.normal(0, 0.05, n)
     elev = np.deg2rad(rng.uniform(12, 40, n))
-    rad = rng.uniform(2.8, 4.0, n)
+    rad = rng.uniform(3.3, 4.3, n)
     f = 0.5 * spec.width / np.tan(np.deg2rad(spec.fov_deg) / 2)
     cams, paths = [], []
     for i in range(n):
@@ -541,7 +543,7 @@ def contact_sheet(scene_dirs: list[Path], path: str | Path, n_cols: int = 6, tit
                 ax.set_ylabel(f"{Path(d).name}\n{meta.get('split', '')} · {size_mb:.1f} MB", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985 if title else 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

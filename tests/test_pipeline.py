@@ -1,0 +1,183 @@
+"""The lab's machinery: params/notebook agreement, install pins, the runner, DVC."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import pytest
+import yaml
+
+from nifi_utils.common import REPO_ROOT, NifiError
+from nifi_utils.params import PROFILES, load_params, stage_params, stage_spec
+
+PARAMS = load_params()
+DVC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+STAGES = list(DVC["stages"])
+
+
+def _parameters_cell(nb_path):
+    nb = jupytext.read(nb_path)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{nb_path} must have exactly one parameters cell"
+    names = {}
+    for line in cells[0].source.splitlines():
+        m = re.match(r"^([A-Za-z_]\w*)\s*=\s*(.+)$", line)
+        if m:
+            names[m.group(1)] = eval(m.group(2), {})  # literals only: eval fails on anything else
+    return names
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_notebook_parameters_match_params_yaml(stage):
+    spec = stage_spec(stage)
+    cell = _parameters_cell(spec.notebook)
+    for profile in PROFILES:
+        keys = set(stage_params(stage, profile))
+        assert set(cell) == keys, f"{spec.notebook.name} vs params.yaml {stage}.{profile}: {set(cell) ^ keys}"
+    # the defaults of the parameters cell are the tiny profile
+    tiny = stage_params(stage, "tiny")
+    assert {k: v for k, v in cell.items() if k != "profile"} == {k: v for k, v in tiny.items() if k != "profile"}
+    assert cell["profile"] == "tiny"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_param_key_has_a_comment(stage):
+    lines = (REPO_ROOT / "params.yaml").read_text().splitlines()
+    inside = False
+    for i, line in enumerate(lines):
+        if re.match(rf"^{stage}:", line):
+            inside = True
+            continue
+        if inside and re.match(r"^\S", line):
+            break
+        m = re.match(r"^    (\w+):", line) if inside else None
+        if m and not (m.group(1) == "datasets" and False):
+            assert lines[i - 1].strip().startswith("#"), f"params.yaml {stage}: key {m.group(1)!r} (line {i + 1}) has no comment"
+
+
+def test_dvc_stages_use_the_profile_in_every_output():
+    for name, st in DVC["stages"].items():
+        assert st["cmd"].startswith("python -m nifi_utils.run " + name)
+        for o in st["outs"]:
+            o = next(iter(o)) if isinstance(o, dict) else o
+            assert "${profile}" in o, f"stage {name}: output {o} is not per profile"
+        assert "profile" in st["params"] and f"{name}.${{profile}}" in st["params"]
+
+
+def test_notebooks_are_paired_and_have_no_outputs():
+    for py in sorted((REPO_ROOT / "notebooks").glob("*.py")):
+        ipynb = py.with_suffix(".ipynb")
+        assert ipynb.exists(), f"{ipynb.name} missing: run `make notebooks`"
+        raw = json.loads(ipynb.read_text())
+        for c in raw["cells"]:
+            assert not c.get("outputs") and not c.get("execution_count"), f"{ipynb.name} has outputs committed"
+        a, b = jupytext.read(py), jupytext.read(ipynb)
+        assert [c.source for c in a.cells] == [c.source for c in b.cells], f"{ipynb.name} out of sync with {py.name}"
+        first = a.cells[0]
+        assert first.cell_type == "markdown" and all(w in first.source for w in ("Purpose", "Inputs", "Outputs", "Runtime"))
+
+
+def _pins(lines):
+    out = {}
+    for line in lines:
+        line = line.split("#")[0].strip().lstrip("- ").strip()
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)$", line)
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def test_environment_yml_has_the_same_pins_as_requirements():
+    req = _pins((REPO_ROOT / "requirements.txt").read_text().splitlines())
+    nodeps = (REPO_ROOT / "requirements-nodeps.txt").read_text().splitlines()
+    env_text = (REPO_ROOT / "environment.yml").read_text()
+    env = yaml.safe_load(env_text)
+    pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert _pins(pip_list) == req
+    # the --no-deps packages are named (as comments) with the same versions
+    commented = _pins([l.replace("#", "", 1) for l in env_text.splitlines() if l.strip().startswith("# -")])
+    assert commented == _pins(nodeps)
+    assert req["torch"] == "2.13.0" and "torchvision" not in req
+    assert "torchvision<0" in (REPO_ROOT / "constraints.txt").read_text()
+
+
+def test_ci_runs_make_test_only():
+    lines = [l for l in (REPO_ROOT / ".ci/run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert lines[-1].strip() == "make test" and not any("pytest" in l for l in lines)
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "make repro" in readme and "make test" in readme
+
+
+def test_unknown_stage_and_profile_are_clear():
+    with pytest.raises(NifiError, match="unknown stage"):
+        stage_spec("nope")
+    with pytest.raises(NifiError, match="unknown profile"):
+        stage_params("scenes", "huge")
+
+
+def _env():
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", NIFI_QUIET="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_runner_on_the_tiny_profile_writes_outputs():
+    r = subprocess.run([sys.executable, "-m", "nifi_utils.run", "scenes", "--profile", "tiny", "--quiet"],
+                       cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spec = stage_spec("scenes", "tiny")
+    for o in spec.outs:
+        assert o.exists(), o
+        assert (any(o.iterdir()) if o.is_dir() else o.stat().st_size > 0), f"{o} is empty"
+    assert "tiny" in str(spec.executed)
+    summary = json.loads((REPO_ROOT / "reports/tiny/scenes.json").read_text())
+    assert summary["n_train"] >= 1 and summary["n_eval"] >= 1 and summary["provenance"]["profile"] == "tiny"
+    for scene in summary["scenes"]:
+        d = REPO_ROOT / "data/tiny/scenes" / scene["name"]
+        n_png = len(list((d / "images").glob("*.png")))
+        assert n_png == scene["n_views"] > 0
+
+
+@pytest.mark.slow
+def test_runner_names_the_failing_cell(tmp_path, monkeypatch):
+    import nifi_utils.run as run
+    from nifi_utils.params import StageSpec
+
+    nb = tmp_path / "bad.py"
+    nb.write_text('# %% tags=["parameters"]\nprofile = "tiny"\n\n# %%\nx = 1\n\n# %%\nraise ValueError("boom")\n')
+    out = tmp_path / "out" / "bad.ipynb"
+    monkeypatch.setattr(run, "stage_spec", lambda *a, **k: StageSpec("bad", nb, [out], out))
+    monkeypatch.setattr(run, "stage_params", lambda *a, **k: {"profile": "tiny"})
+    with pytest.raises(NifiError, match=r"stage bad failed in cell \d+ \(ValueError: boom\)"):
+        run.run_stage("bad", log_output=False)
+    assert out.exists()  # the executed notebook is kept for inspection
+
+
+@pytest.mark.slow
+def test_dvc_profile_switch_and_noop_second_repro(tmp_path):
+    """The README's way to switch profile, in a scratch copy of the repository."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    work = tmp_path / "lab"
+    for f in files:
+        if (REPO_ROOT / f).is_file() and not f.startswith(("data/", "reports/")):
+            (work / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / f, work / f)
+    env = _env()
+    run = lambda *cmd: subprocess.run(list(cmd), cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        assert run(*cmd).returncode == 0
+    r = run("dvc", "exp", "run", "-S", "profile=tiny")
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    assert (work / "data/tiny/scenes").is_dir() and not (work / "data/cpu").exists()
+    assert "profile: tiny" in (work / "params.yaml").read_text()
+    r = run("dvc", "repro")
+    assert r.returncode == 0 and "Running stage" not in r.stdout, r.stdout[-1500:]
+    r = run("dvc", "status")
+    assert "up to date" in r.stdout.lower(), r.stdout
