@@ -154,7 +154,7 @@ def _composite_batch(feats, mean_local, conic, opac, color, chunk: int):
 
 
 def rasterize_tiles(means2d, conics, colors, opacities, radii, depths, width, height,
-                    tile_size=16, max_batch_elems=2_000_000, chunk=256):
+                    tile_size=16, max_batch_elems=2_000_000, chunk=256, keep_elems=4_000_000):
     """Tiled CPU compositing for one camera: images [H,W,D] and alphas [H,W,1]."""
     dev, dt = means2d.device, means2d.dtype
     D = colors.shape[-1]
@@ -172,6 +172,10 @@ def rasterize_tiles(means2d, conics, colors, opacities, radii, depths, width, he
     tc = tcount.tolist()
     i = 0
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means2d, conics, colors, opacities))
+    # under autograd, batches keep their activations until `keep_elems` pairs are held; later
+    # batches are checkpointed (recomputed in backward): small renders skip the recompute,
+    # large ones stay within bounded memory
+    kept = 0
     while i < len(order):
         kmax = tc[order[i]]
         nb = max(1, min(len(order) - i, max_batch_elems // max(1, kmax * P)))
@@ -187,10 +191,11 @@ def rasterize_tiles(means2d, conics, colors, opacities, radii, depths, width, he
         def run(m2d, con, col, op, g=g, origin=origin, valid=valid):
             return _composite_batch(feats, m2d[g] - origin[:, None], con[g], op[g] * valid, col[g], chunk)
 
-        if need_grad:
+        if need_grad and kept + nb * kmax * P > keep_elems:
             c_b, a_b = checkpoint(run, means2d, conics, colors, opacities, use_reentrant=False)
         else:
             c_b, a_b = run(means2d, conics, colors, opacities)
+            kept += nb * kmax * P if need_grad else 0
         tiles_c.append(c_b)
         tiles_a.append(a_b)
         tile_ids.append(ids)

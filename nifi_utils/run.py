@@ -20,6 +20,10 @@ from .common import REPO_ROOT, NifiError
 from .params import stage_params, stage_spec
 
 
+def _rel(p: Path) -> str:
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else str(p)
+
+
 def prepare_outputs(outs: list[Path]) -> None:
     """Folders for directory outs, parent folders for file outs."""
     for o in outs:
@@ -44,8 +48,8 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
         src = Path(tmp) / (spec.notebook.stem + ".ipynb")
         jupytext.write(nb, src)
         t0 = time.time()
-        print(f"[nifi run] {stage} (profile {params['profile']}): {spec.notebook.relative_to(REPO_ROOT)} -> "
-              f"{spec.executed.relative_to(REPO_ROOT)}", file=sys.stderr, flush=True)
+        print(f"[nifi run] {stage} (profile {params['profile']}): {_rel(spec.notebook)} -> "
+              f"{_rel(spec.executed)}", file=sys.stderr, flush=True)
         try:
             pm.execute_notebook(
                 str(src), str(spec.executed), parameters=params, kernel_name="python3", cwd=str(REPO_ROOT),
@@ -54,7 +58,7 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
         except pm.PapermillExecutionError as e:
             raise NifiError(
                 f"stage {stage} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
-                f"executed notebook: {spec.executed.relative_to(REPO_ROOT)}") from None
+                f"executed notebook: {_rel(spec.executed)}") from None
     print(f"[nifi run] {stage} done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
     return spec.executed
 

@@ -384,8 +384,10 @@ def generate_scene(spec: SceneSpec) -> tuple[GaussianScene, CameraSet]:
             R = size * rng.uniform(0.45, 0.6)
             surfaces.append((Torus([x, y, 0], R, R * rng.uniform(0.25, 0.45), ang=rng.uniform(0, np.pi)), 4.0, spec_k))
     weights = np.array([s.area * w for s, w, _ in surfaces])
-    counts = np.maximum(64, np.round(weights / weights.sum() * spec.n_gaussians)).astype(int)
-    counts[0] += spec.n_gaussians - counts.sum()  # exact total (ground absorbs rounding)
+    if spec.n_gaussians < 32 * len(surfaces):
+        raise NifiError(f"scene {spec.name}: {spec.n_gaussians} Gaussians are too few for {len(surfaces)} surfaces")
+    counts = np.maximum(16, np.floor(weights / weights.sum() * spec.n_gaussians)).astype(int)
+    counts[int(np.argmax(counts))] += spec.n_gaussians - counts.sum()  # exact total
     parts = []
     for (surf, _, spk), n in zip(surfaces, counts):
         parts.append(_surface_gaussians(surf, int(n), pick_texture(rng, photos), rng, spk))
