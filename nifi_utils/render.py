@@ -221,6 +221,23 @@ def _sh_colors(means, colors, viewmat, sh_degree, visible):
     return torch.clamp_min(out + 0.5, 0.0)
 
 
+def _project_camera(means, quats, scales, opacities, colors, viewmats, Ks, ci, width, height, near_plane, far_plane,
+                    radius_clip, eps2d, sh_degree, render_mode, rasterize_mode):
+    """Projection and per-Gaussian colour (plus the depth channel the render mode asks for) for camera `ci`."""
+    m2d, con, dep, op, radii = project_gaussians(
+        means, quats, scales, opacities, viewmats[ci], Ks[ci], width, height, near_plane, far_plane,
+        radius_clip, eps2d, antialiased=rasterize_mode == "antialiased")
+    if sh_degree is not None:
+        col = _sh_colors(means, colors, viewmats[ci], sh_degree, (radii > 0).all(-1))
+    else:
+        col = colors[ci] if colors.ndim == 3 else colors
+    if render_mode in ("RGB+D", "RGB+ED"):
+        col = torch.cat([col, dep[:, None]], -1)
+    elif render_mode in ("D", "ED"):
+        col = dep[:, None]
+    return m2d, con, dep, op, radii, col
+
+
 def rasterization(
     means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
     viewmats: Tensor, Ks: Tensor, width: int, height: int,
@@ -256,17 +273,9 @@ def rasterization(
     quats = F.normalize(quats, dim=-1)
     outs_c, outs_a, meta = [], [], {"radii": [], "means2d": [], "depths": [], "conics": [], "opacities": []}
     for ci in range(C):
-        m2d, con, dep, op, radii = project_gaussians(
-            means, quats, scales, opacities, viewmats[ci], Ks[ci], width, height, near_plane, far_plane,
-            radius_clip, eps2d, antialiased=rasterize_mode == "antialiased")
-        if sh_degree is not None:
-            col = _sh_colors(means, colors, viewmats[ci], sh_degree, (radii > 0).all(-1))
-        else:
-            col = colors[ci] if colors.ndim == 3 else colors
-        if render_mode in ("RGB+D", "RGB+ED"):
-            col = torch.cat([col, dep[:, None]], -1)
-        elif render_mode in ("D", "ED"):
-            col = dep[:, None]
+        m2d, con, dep, op, radii, col = _project_camera(
+            means, quats, scales, opacities, colors, viewmats, Ks, ci, width, height, near_plane, far_plane,
+            radius_clip, eps2d, sh_degree, render_mode, rasterize_mode)
         img, alpha = rasterize_tiles(m2d, con, col, op, radii, dep, width, height, tile_size)
         if backgrounds is not None:
             bg = backgrounds[ci]
@@ -302,15 +311,9 @@ def rasterization_dense(means, quats, scales, opacities, colors, viewmats, Ks, w
     pix = torch.stack([xs, ys], -1).reshape(-1, 2).to(means.dtype) + 0.5
     ptile = torch.div(torch.stack([xs, ys], -1).reshape(-1, 2), tile_size, rounding_mode="floor")
     for ci in range(C):
-        m2d, con, dep, op, radii = project_gaussians(
-            means, quats, scales, opacities, viewmats[ci], Ks[ci], width, height, near_plane, far_plane,
-            radius_clip, eps2d, antialiased=rasterize_mode == "antialiased")
-        if sh_degree is not None:
-            col = _sh_colors(means, colors, viewmats[ci], sh_degree, (radii > 0).all(-1))
-        else:
-            col = colors[ci] if colors.ndim == 3 else colors
-        if render_mode in ("RGB+D", "RGB+ED"):
-            col = torch.cat([col, dep[:, None]], -1)
+        m2d, con, dep, op, radii, col = _project_camera(
+            means, quats, scales, opacities, colors, viewmats, Ks, ci, width, height, near_plane, far_plane,
+            radius_clip, eps2d, sh_degree, render_mode, rasterize_mode)
         order = torch.sort(dep.detach(), stable=True).indices
         order = order[(radii[order] > 0).all(-1)]
         x0, y0, x1, y1 = tile_ranges(m2d[order], radii[order], tile_size, tiles_x, tiles_y)
