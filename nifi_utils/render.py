@@ -42,8 +42,15 @@ def project_gaussians(means, quats, scales, opacities, viewmat, K, width, height
     ti = _gsplat_torch_impl()
     covars, _ = ti._quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False, triu=False)
     means_c, covars_c = ti._world_to_cam(means, covars, viewmat[None])
+    depths = means_c[0, :, 2]
+    # Gaussians at or behind the near plane are culled below, but the perspective projection divides
+    # by their depth: at z == 0 (met in practice once positions are quantized to a grid) its backward
+    # gives inf * 0 = NaN. Project them from a harmless point instead; they get exactly zero gradient.
+    behind = (depths.detach() <= near_plane)[None, :, None]
+    safe = torch.zeros_like(means_c).index_fill_(-1, torch.tensor([2], device=means_c.device), 1.0)
+    means_c = torch.where(behind, safe, means_c)
     means2d, cov2d = ti._persp_proj(means_c, covars_c, K[None], width, height)
-    means2d, cov2d, depths = means2d[0], cov2d[0], means_c[0, :, 2]
+    means2d, cov2d = means2d[0], cov2d[0]
     det_orig = cov2d[:, 0, 0] * cov2d[:, 1, 1] - cov2d[:, 0, 1] * cov2d[:, 1, 0]
     cov2d = cov2d + torch.eye(2, dtype=cov2d.dtype, device=cov2d.device) * eps2d
     det = cov2d[:, 0, 0] * cov2d[:, 1, 1] - cov2d[:, 0, 1] * cov2d[:, 1, 0]

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from nifi_utils.gaussians import GaussianScene
 from nifi_utils.render import rasterization, rasterization_dense, render
 
 from conftest import front_camera, random_scene
@@ -136,3 +137,19 @@ def test_checkpointed_and_kept_batches_give_the_same_gradients():
         grads.append([p.grad for p in ps])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gaussian_on_the_camera_plane_has_finite_zero_gradient():
+    """z == 0 in camera space (hit in practice after position quantization) must not give NaN."""
+    scene = random_scene(n=50, seed=11)
+    cam = front_camera(24, 20)
+    vm = cam.viewmat()
+    # put Gaussian 0 exactly on the camera plane: world point = R^T (p_c - t) with p_c.z = 0
+    p_c = torch.tensor([0.3, -0.2, 0.0])
+    scene.means[0] = vm[:3, :3].T @ (p_c - vm[:3, 3])
+    assert abs(float((vm[:3, :3] @ scene.means[0] + vm[:3, 3])[2])) < 1e-6
+    params = {k: v.clone().requires_grad_(True) for k, v in scene.tensors().items()}
+    out = render(GaussianScene(**params), cam, background=(0.1, 0.2, 0.3))
+    out["rgb"].sum().backward()
+    for k, p in params.items():
+        assert torch.isfinite(p.grad).all(), k
