@@ -29,9 +29,7 @@ def cmd_render(args) -> int:
         if args.width <= 0 or args.height <= 0:
             raise NifiError(f"--width/--height must be positive, got {args.width}x{args.height}")
         cams.cameras = [c.resized(args.width, args.height) for c in cams]
-    bg = tuple(float(v) for v in args.background.split(","))
-    if len(bg) != 3:
-        raise NifiError(f"--background wants three comma-separated numbers, got {args.background!r}")
+    bg = _background(args.background)
     device = pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,6 +38,98 @@ def cmd_render(args) -> int:
         name = Path(fp).stem or cam.name
         Image.fromarray(np.asarray(im)).save(out / f"{name}.png")
     print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def _load_view_images(cams, images_dir: Path):
+    import numpy as np
+    from PIL import Image
+
+    if not images_dir.is_dir():
+        raise NifiError(f"--images folder not found: {images_dir}")
+    out = []
+    for fp in cams.file_paths:
+        p = images_dir / Path(fp).name
+        if not p.is_file():
+            cands = sorted(images_dir.glob(Path(fp).stem + ".*"))
+            if not cands:
+                raise NifiError(f"no image for frame {fp!r} in {images_dir}")
+            p = cands[0]
+        with Image.open(p) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    for cam, im in zip(cams, out):
+        if im.shape[:2] != (cam.height, cam.width):
+            raise NifiError(f"image {im.shape[1]}x{im.shape[0]} does not match its camera {cam.width}x{cam.height}")
+    return out
+
+
+def cmd_compress(args) -> int:
+    import time
+
+    from . import codec
+    from .cameras import read_transforms
+    from .common import pick_device
+    from .gaussians import read_ply
+    from .levels import FinetuneConfig, finetune_levels, gradient_scores, opacity_volume_scores, prune_levels
+
+    if (args.cameras is None) != (args.images is None):
+        raise NifiError("give both --cameras and --images (gradient pruning + fine-tuning), or neither")
+    if not args.out.endswith(".nifi"):
+        raise NifiError(f"--out should end with .nifi, got {args.out!r}")
+    device = pick_device(args.device)
+    scene = read_ply(args.ply).to(device)
+    if not 1 <= args.gaussians <= len(scene):
+        raise NifiError(f"--gaussians must be between 1 and the scene's {len(scene)} Gaussians, got {args.gaussians}")
+    deg = scene.sh_degree if args.sh_degree is None else args.sh_degree
+    if not 0 <= deg <= scene.sh_degree:
+        raise NifiError(f"--sh-degree must be between 0 and the scene's degree {scene.sh_degree}, got {deg}")
+    bg = _background(args.background)
+    t0 = time.time()
+    if args.cameras:
+        cams = read_transforms(args.cameras)
+        images = _load_view_images(cams, Path(args.images))
+        levels = prune_levels(scene, [args.gaussians], lambda s: gradient_scores(s, list(cams), images, bg))
+        cfg = FinetuneConfig(steps=args.finetune_steps, bits=args.bits, pos_bits=args.pos_bits)
+        (scene,), _ = finetune_levels(scene, levels, [deg], list(cams), images, bg, cfg)
+    else:
+        scene = scene.subset(prune_levels(scene, [args.gaussians], opacity_volume_scores)[0])
+    enc = codec.encode_scene(scene, sh_degree=deg, bits=args.bits, pos_bits=args.pos_bits)
+    enc.save(args.out)
+    ply_bytes = Path(args.ply).stat().st_size
+    print(f"wrote {args.out}: {len(scene)} Gaussians, {enc.nbytes} bytes ({enc.nbytes / 1e6:.4f} MB, "
+          f"{ply_bytes / enc.nbytes:.0f}x smaller than the .ply), {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from . import codec
+
+    scene, head = codec.load(args.input)
+    scene.save_ply(args.out)
+    print(f"wrote {args.out}: {head['n_gaussians']} Gaussians, SH degree {head['sh_degree']}")
+    return 0
+
+
+def _background(text: str) -> tuple:
+    try:
+        bg = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        bg = ()
+    if len(bg) != 3:
+        raise NifiError(f"--background wants three comma-separated numbers, got {text!r}")
+    return bg
+
+
+def cmd_synthesize(args) -> int:
+    from .common import repo_path
+    from .params import stage_params
+    from .synthesis import SynthesisConfig, synthesize
+
+    p = stage_params("synthesis", args.profile)
+    cfg = SynthesisConfig.from_params(p)
+    dirs = sorted(d for d in repo_path("data", p["profile"], "scenes").iterdir() if d.is_dir())
+    recs = synthesize(dirs, repo_path("data", p["profile"]), cfg, p["seed"], args.shard, args.device)
+    print(f"synthesized {len(recs)} scenes (shard {args.shard})")
     return 0
 
 
@@ -63,6 +153,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--background", default="0,0,0", help="background RGB in [0,1], e.g. 1,1,1")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.set_defaults(fn=cmd_render)
+
+    c = sub.add_parser("compress", help="prune + quantize + entropy-code a 3DGS .ply into a .nifi bitstream")
+    c.add_argument("--ply", required=True, help="INRIA-format 3DGS point_cloud.ply")
+    c.add_argument("--cameras", help="transforms.json of training views (enables gradient pruning + fine-tuning)")
+    c.add_argument("--images", help="folder with the training images named as in --cameras")
+    c.add_argument("--gaussians", type=int, required=True, help="number of Gaussians to keep")
+    c.add_argument("--out", required=True, help="output .nifi file")
+    c.add_argument("--bits", type=int, default=8, help="bits per attribute channel (default 8)")
+    c.add_argument("--pos-bits", type=int, default=12, help="bits per position coordinate (default 12)")
+    c.add_argument("--sh-degree", type=int, help="SH degree to keep (default: the scene's)")
+    c.add_argument("--finetune-steps", type=int, default=200, help="QAT fine-tuning steps with --cameras (default 200)")
+    c.add_argument("--background", default="0,0,0", help="background RGB of the training images")
+    c.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    c.set_defaults(fn=cmd_compress)
+
+    d = sub.add_parser("decompress", help="decode a .nifi bitstream into an INRIA-format .ply")
+    d.add_argument("input", help=".nifi file")
+    d.add_argument("--out", required=True, help="output .ply")
+    d.set_defaults(fn=cmd_decompress)
+
+    y = sub.add_parser("synthesize", help="artifact synthesis for a shard of the scenes (params.yaml: synthesis)")
+    y.add_argument("--profile", choices=["cpu", "tiny", "paper"])
+    y.add_argument("--shard", default="0/1", help="k/n: scenes i with i %% n == k")
+    y.add_argument("--device", default="auto")
+    y.set_defaults(fn=cmd_synthesize)
 
     s = sub.add_parser("run", help="run one pipeline stage through papermill (same as python -m nifi_utils.run)")
     s.add_argument("stage")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jupytext
+import numpy as np
 import pytest
 import yaml
 
@@ -142,6 +143,55 @@ def test_runner_on_the_tiny_profile_writes_outputs():
         d = REPO_ROOT / "data/tiny/scenes" / scene["name"]
         n_png = len(list((d / "images").glob("*.png")))
         assert n_png == scene["n_views"] > 0
+
+
+@pytest.mark.slow
+def test_synthesis_stage_on_tiny_and_decompress_render_matches():
+    """The stage's files are what its report says, and decompress + render reproduces its renders."""
+    from PIL import Image
+
+    from nifi_utils.cli import main as cli
+
+    env = _env()
+    if not (REPO_ROOT / "data/tiny/scenes").is_dir():
+        subprocess.run([sys.executable, "-m", "nifi_utils.run", "scenes", "--profile", "tiny", "--quiet"],
+                       cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "nifi_utils.run", "synthesis", "--profile", "tiny", "--quiet"],
+                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for o in stage_spec("synthesis", "tiny").outs:
+        assert o.exists() and (any(o.iterdir()) if o.is_dir() else o.stat().st_size > 0), o
+    rep = json.loads((REPO_ROOT / "reports/tiny/synthesis.json").read_text())
+    p = stage_params("synthesis", "tiny")
+    data = REPO_ROOT / "data/tiny"
+    for sc in rep["scenes"]:
+        ply = (data / "scenes" / sc["scene"] / "point_cloud.ply").stat().st_size
+        meta = json.loads((data / "scenes" / sc["scene"] / "transforms.json").read_text())
+        sizes = []
+        for lv in sc["levels"]:
+            f = data / "bitstreams" / sc["scene"] / f"level{lv['level']}.nifi"
+            assert f.stat().st_size == lv["bytes"] and lv["ratio_to_ply"] == pytest.approx(ply / lv["bytes"])
+            sizes.append(lv["bytes"])
+            n_test = len(list((data / "renders" / sc["scene"] / f"level{lv['level']}").glob("*.png")))
+            assert n_test == len(meta["test_ids"])
+            if sc["split"] == "train":
+                assert len(list((data / "pairs" / sc["scene"] / f"level{lv['level']}").glob("*.png"))) == len(meta["train_ids"])
+        assert sizes == sorted(sizes) and len(sizes) == p["n_levels"]
+    # decompress + the render CLI == the stage's own render, pixel for pixel
+    sc = rep["scenes"][0]["scene"]
+    tmp = REPO_ROOT / "data/tiny/_cli_check"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        assert cli(["decompress", str(data / "bitstreams" / sc / "level0.nifi"), "--out", str(tmp / "l0.ply")]) == 0
+        bg = ",".join(str(v) for v in p["background"])
+        assert cli(["render", "--ply", str(tmp / "l0.ply"), "--cameras", str(data / "scenes" / sc / "transforms.json"),
+                    "--out", str(tmp / "png"), "--background", bg, "--device", "cpu"]) == 0
+        stage_pngs = sorted((data / "renders" / sc / "level0").glob("*.png"))
+        assert stage_pngs
+        for f in stage_pngs:
+            assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(tmp / "png" / f.name))), f.name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -1,0 +1,173 @@
+"""Codec benchmark: rate accounting, entropy bound, general-purpose compressors, speed, position bits.
+
+On the `cpu` profile's bitstreams (run `dvc repro synthesis` first; falls back to a generated
+scene): for every level of one evaluation scene, decode the `.nifi`, re-encode it and report
+- the file against the entropy bound (N * H of the quantized symbols under their empirical
+  histograms + those histograms + header), for the auto model choice and for histograms only;
+- the same symbols packed channel-major and compressed by zstd (level 19) and lzma (preset 9e);
+- bits per Gaussian per attribute group; encode/decode throughput (Gaussians/s, also at 80k);
+- position bits 8..16: size and PSNR of the test-view renders against the unquantized positions.
+Writes benchmarks/results/codec.json.
+
+    python benchmarks/codec.py [--profile cpu] [--scene eval_00] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = {"position": ("x", "y", "z"), "rotation": ("qw", "qx", "qy", "qz"),
+          "scale": ("log_s0", "log_s1", "log_s2"), "opacity": ("opacity_logit",)}
+
+
+def timed(fn, repeats=3):
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def symbols_of(scene, deg, bits, pos_bits):
+    from nifi_utils import codec
+
+    vals = codec.scene_to_channels(scene, deg).numpy()
+    lo, hi = codec.channel_ranges(vals)
+    b = codec.default_bits(deg, bits, pos_bits)
+    return codec.quantize(vals, b, lo, hi), b
+
+
+def packed(sym, bits) -> bytes:
+    cols = [sym[:, c].astype(np.uint8 if b <= 8 else "<u2").tobytes() for c, b in enumerate(bits)]
+    return b"".join(cols)
+
+
+def level_row(scene, deg, bits, pos_bits, ply_bytes):
+    import zstandard
+
+    from nifi_utils import codec
+
+    enc, t_enc = timed(lambda: codec.encode_scene(scene, sh_degree=deg, bits=bits, pos_bits=pos_bits))
+    _, t_dec = timed(lambda: codec.decode_bytes(enc.data))
+    hist = codec.encode_scene(scene, sh_degree=deg, bits=bits, pos_bits=pos_bits, models=("categorical",))
+    sym, b = symbols_of(scene, deg, bits, pos_bits)
+    raw = packed(sym, b)
+    per_channel = enc.stats["channel_bits_per_gaussian"]
+    groups = {g: sum(per_channel[c] for c in names) for g, names in GROUPS.items()}
+    groups["color_sh"] = sum(v for k, v in per_channel.items() if k.startswith("sh"))
+    return {
+        "n_gaussians": len(scene), "sh_degree": deg, "bits": bits, "pos_bits": pos_bits,
+        "bytes": enc.nbytes, "ratio_to_ply": ply_bytes / enc.nbytes if ply_bytes else None,
+        "entropy_bound_bytes": enc.stats["entropy_bound_bytes"],
+        "file_over_entropy_bound": enc.stats["ratio_to_entropy_bound"],
+        "histograms_only_bytes": hist.nbytes,
+        "histograms_only_over_entropy_bound": hist.stats["ratio_to_entropy_bound"],
+        "histograms_only_payload_over_entropy": hist.stats["payload_bytes"] / hist.stats["empirical_entropy_bytes"],
+        "models": enc.stats["models"],
+        "raw_symbol_bytes": len(raw),
+        "zstd19_bytes": len(zstandard.ZstdCompressor(level=19).compress(raw)),
+        "lzma9e_bytes": len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)),
+        "header_and_models_bytes": enc.stats["side_bytes"],
+        "bits_per_gaussian": enc.stats["bits_per_gaussian"],
+        "bits_per_gaussian_by_attribute": groups,
+        "encode_s": t_enc, "decode_s": t_dec,
+        "encode_gaussians_per_s": len(scene) / t_enc, "decode_gaussians_per_s": len(scene) / t_dec,
+    }
+
+
+def pos_bits_sweep(scene, deg, cams, bg, bits_list=(8, 9, 10, 11, 12, 14, 16)):
+    """Only positions quantized (other channels float): isolates the position error."""
+    from nifi_utils import codec
+    from nifi_utils.metrics import psnr
+    from nifi_utils.render import render
+
+    def imgs(s):
+        with torch.no_grad():
+            return [render(s, c, background=bg)["rgb"].clamp(0, 1) for c in cams]
+
+    ref = imgs(scene)
+    rows = []
+    for pb in bits_list:
+        vals = scene.means.numpy()
+        lo, hi = codec.channel_ranges(vals)
+        q = codec.dequantize(codec.quantize(vals, [pb] * 3, lo, hi), [pb] * 3, lo, hi)
+        s = scene.map(lambda t: t.clone())
+        s.means[:] = torch.from_numpy(q)
+        got = imgs(s)
+        size = codec.encode_scene(scene, sh_degree=deg, pos_bits=pb).nbytes
+        rows.append({"pos_bits": pb, "bytes": size,
+                     "psnr_vs_float_positions_db": float(np.mean([psnr(a, b) for a, b in zip(got, ref)]))})
+    return rows
+
+
+def main():
+    from nifi_utils import codec
+    from nifi_utils.common import provenance
+    from nifi_utils.params import stage_params
+    from nifi_utils.scenes import SceneSpec, generate_scene, load_scene_folder
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--scene", default="eval_00")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "codec.json"))
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    p = stage_params("synthesis", args.profile)
+    data = ROOT / "data" / args.profile
+    scene_dir = data / "scenes" / args.scene
+    bs_dir = data / "bitstreams" / args.scene
+    if scene_dir.is_dir():
+        full, cams = load_scene_folder(scene_dir)
+        ply_bytes = (scene_dir / "point_cloud.ply").stat().st_size
+        meta = json.loads((scene_dir / "transforms.json").read_text())
+        test_cams = [cams[i] for i in meta["test_ids"]]
+    else:
+        full, cams = generate_scene(SceneSpec("bench", 7, "eval", 80000, 8, 128, 128))
+        ply_bytes, test_cams = 248 * len(full), list(cams)[:3]
+    source = "bitstreams" if bs_dir.is_dir() else "random subsets of the full scene"
+    levels = []
+    for l in range(p["n_levels"]):
+        f = bs_dir / f"level{l}.nifi"
+        if f.is_file():
+            scene, head = codec.load(f)
+            deg = head["sh_degree"]
+        else:
+            n = [p["c_min"], int((p["c_min"] * p["n_max"]) ** 0.5), p["n_max"]][min(l, 2)]
+            scene, deg = full.subset(torch.randperm(len(full))[:n]), p["sh_degrees"][l]
+        row = level_row(scene, deg, p["bits"], p["pos_bits"], ply_bytes)
+        row["level"] = l
+        levels.append(row)
+        print(json.dumps({k: row[k] for k in ("level", "n_gaussians", "bytes", "file_over_entropy_bound",
+                                              "histograms_only_payload_over_entropy", "zstd19_bytes", "lzma9e_bytes")}))
+    full_row = level_row(full, full.sh_degree, p["bits"], p["pos_bits"], ply_bytes)
+    lv0 = codec.load(bs_dir / "level0.nifi")[0] if (bs_dir / "level0.nifi").is_file() else full.subset(torch.arange(p["c_min"]))
+    lv_top = codec.load(bs_dir / f"level{p['n_levels'] - 1}.nifi")[0] if bs_dir.is_dir() else full.subset(torch.arange(p["n_max"]))
+    bg = tuple(p["background"])
+    sweep = {"level0": pos_bits_sweep(lv0, 0, test_cams, bg), "top_level": pos_bits_sweep(lv_top, 0, test_cams, bg)}
+    checks = {
+        "histogram_payload_within_2pct_of_entropy": all(r["histograms_only_payload_over_entropy"] <= 1.02 for r in levels + [full_row]),
+        "file_within_2pct_of_entropy_bound": all(r["file_over_entropy_bound"] <= 1.02 for r in levels + [full_row]),
+        "smaller_than_zstd19_and_lzma": all(r["bytes"] < min(r["zstd19_bytes"], r["lzma9e_bytes"]) for r in levels + [full_row]),
+    }
+    out = {"benchmark": "codec", "profile": args.profile, "scene": args.scene, "levels_from": source,
+           "cpu_threads": torch.get_num_threads(), "nproc": os.cpu_count(), "levels": levels,
+           "full_scene": full_row, "pos_bits_sweep": sweep, "checks": checks,
+           "notes": "zstd/lzma compress the same quantized symbols packed channel-major (uint8, uint16 above 8 bits), "
+                    "without the ranges header; entropy bound = N*H(empirical) + histograms + header.",
+           "provenance": provenance(args.profile, 0, "cpu")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({"pos_bits_sweep": sweep, "checks": checks}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
