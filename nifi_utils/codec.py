@@ -6,14 +6,18 @@ per-channel uniformly quantized attributes, entropy-coded with `constriction`'s 
     channel c of N Gaussians --quantize(bits_c, [lo_c, hi_c])--> symbols in {0..2^b-1}
     symbols --model_c (categorical histogram | quantized Gaussian | quantized Laplace)--> ANS
 
-The model of each channel is whichever makes *that channel's* bytes smallest, side information
-(the histogram or the two floats) included, so a 1k-Gaussian level does not pay 256 histogram
-counts per channel when a two-parameter model is nearly as good.
+Gaussians are stored in Z-order (Morton code of their quantized positions), and each channel is
+coded either as is or as differences to the previous Gaussian (mod 2^b): neighbours on a surface
+share rotation, scale and colour. The transform and model of each channel are whichever make *that
+channel's* bytes smallest, side information (the histogram or the two floats) included, so a
+1k-Gaussian level does not pay 256 histogram counts per channel when a two-parameter model is
+nearly as good.
 
 Container (little-endian; every count is checked before anything is allocated from it):
 
     magic b"NIFI3DGS" | version u16 | level u8 | sh_degree u8 | n_channels u16 | n_gaussians u32
-    per channel: bits u8 | model u8 | lo f32 | hi f32 | side_len u16 | side bytes
+    per channel: bits u8 | model u8 (low 4 bits: model; high 4: 0 raw, 1 delta) | lo f32 | hi f32 |
+                 side_len u16 | side bytes
     payload_words u32 | payload (u32 ANS words) | crc32 u32 (over everything before it)
 
 The rate of a level is the container's byte count.
@@ -248,6 +252,31 @@ def _model_from_side(kind: str, side: bytes, bits: int, n: int) -> ChannelModel:
     return ChannelModel(kind, side, params=(mean, scale))
 
 
+# ---------------------------------------------------------------- order and prediction
+TRANSFORMS = {0: "raw", 1: "delta"}
+
+
+def morton_order(pos_sym: np.ndarray, bits: int) -> np.ndarray:
+    """Stable argsort of the Z-order (Morton) code of quantized positions [N,3]: neighbours in space
+    become neighbours in the file, which makes the `delta` transform pay off."""
+    code = np.zeros(len(pos_sym), np.uint64)
+    p = pos_sym.astype(np.uint64)
+    for b in range(bits):
+        for axis in range(3):
+            code |= ((p[:, axis] >> np.uint64(b)) & np.uint64(1)) << np.uint64(3 * b + axis)
+    return np.argsort(code, kind="stable")
+
+
+def delta_encode(sym: np.ndarray, bits: int) -> np.ndarray:
+    """Each symbol minus its predecessor (the first minus 0), modulo 2^bits: same alphabet."""
+    prev = np.concatenate([[0], sym[:-1]]).astype(np.int64)
+    return ((sym.astype(np.int64) - prev) % (1 << bits)).astype(np.int32)
+
+
+def delta_decode(d: np.ndarray, bits: int) -> np.ndarray:
+    return (np.cumsum(d.astype(np.int64)) % (1 << bits)).astype(np.int32)
+
+
 # ---------------------------------------------------------------- encode / decode one level
 @dataclass
 class EncodedLevel:
@@ -268,8 +297,9 @@ class EncodedLevel:
 
 
 def encode_scene(scene: GaussianScene, sh_degree: int | None = None, bits: int = 8, pos_bits: int = 12,
-                 level: int = 0, models=("categorical", "gaussian", "laplace")) -> EncodedLevel:
-    """Quantize and entropy-code a scene into `.nifi` bytes (one rate level)."""
+                 level: int = 0, models=("categorical", "gaussian", "laplace"), allow_delta: bool = True) -> EncodedLevel:
+    """Quantize and entropy-code a scene into `.nifi` bytes (one rate level). The decoded scene holds
+    the same Gaussians in Z-order of their positions (rendering does not depend on the order)."""
     import constriction
 
     deg = scene.sh_degree if sh_degree is None else int(sh_degree)
@@ -286,32 +316,45 @@ def encode_scene(scene: GaussianScene, sh_degree: int | None = None, bits: int =
         raise NifiError("scene has non-finite attributes; refusing to encode")
     lo, hi = channel_ranges(values)
     sym = quantize(values, bits_c, lo, hi)
-    chosen = [choose_model(sym[:, c], bits_c[c], models if n else ("categorical",)) for c in range(sym.shape[1])]
+    sym = sym[morton_order(sym[:, :3], pos_bits)]  # the order of Gaussians is free: store them in Z-order
+    # per channel: code the symbols or their differences to the previous Gaussian, whichever is smaller
+    sent, chosen, transforms = [], [], []
+    for c in range(sym.shape[1]):
+        best = None
+        for t in ((0, 1) if n > 1 and allow_delta else (0,)):
+            x = sym[:, c] if t == 0 else delta_encode(sym[:, c], bits_c[c])
+            m = choose_model(x, bits_c[c], models if n else ("categorical",))
+            if best is None or m.est_bits + 8 * len(m.side) < best[1].est_bits + 8 * len(best[1].side):
+                best = (t, m, x)
+        transforms.append(best[0]), chosen.append(best[1]), sent.append(best[2])
+    sent = np.stack(sent, 1) if n else sym
     coder = constriction.stream.stack.AnsCoder()
     for c in reversed(range(sym.shape[1])):  # ANS is a stack: encode backwards, decode forwards
         if n:
             m = chosen[c]
-            coder.encode_reverse((sym[:, c] - m.offset).astype(np.int32), m.constriction_model(bits_c[c]))
+            coder.encode_reverse((sent[:, c] - m.offset).astype(np.int32), m.constriction_model(bits_c[c]))
     payload = coder.get_compressed().astype("<u4").tobytes() if n else b""
     parts = [_HEAD.pack(MAGIC, VERSION, level, deg, sym.shape[1], n)]
     for c, m in enumerate(chosen):
         if len(m.side) > 0xFFFF:
             raise NifiError(f"channel {c}: model side information too large")
-        parts.append(_CHAN.pack(bits_c[c], MODEL_IDS[m.kind], float(lo[c]), float(hi[c]), len(m.side)) + m.side)
+        mode = MODEL_IDS[m.kind] | (transforms[c] << 4)
+        parts.append(_CHAN.pack(bits_c[c], mode, float(lo[c]), float(hi[c]), len(m.side)) + m.side)
     parts.append(struct.pack("<I", len(payload) // 4) + payload)
     body = b"".join(parts)
     data = body + struct.pack("<I", zlib.crc32(body))
     side_bytes = len(data) - len(payload)
-    entropy_bits = sum(empirical_entropy_bits(sym[:, c]) for c in range(sym.shape[1]))
-    hist_side = sum(len(_categorical(sym[:, c]).side) for c in range(sym.shape[1]))
+    entropy_bits = sum(empirical_entropy_bits(sent[:, c]) for c in range(sym.shape[1]))
+    hist_side = sum(len(_categorical(sent[:, c]).side) for c in range(sym.shape[1]))
     stats = {
         "bytes": len(data), "payload_bytes": len(payload), "side_bytes": side_bytes,
         "empirical_entropy_bytes": entropy_bits / 8,
         "model_bytes_estimate": sum(m.est_bits for m in chosen) / 8,
-        # The bound: an ideal entropy code of the quantized symbols under their own empirical
-        # distributions, plus the histograms such a code must send, plus the fixed header.
+        # The bound: an ideal entropy code of the coded symbols (after the raw/delta choice) under their
+        # own empirical distributions, plus the histograms such a code must send, plus the fixed header.
         "entropy_bound_bytes": entropy_bits / 8 + hist_side + (side_bytes - sum(len(m.side) for m in chosen)),
         "models": {k: sum(m.kind == k for m in chosen) for k in MODEL_IDS},
+        "delta_channels": [name for name, t in zip(channel_names(deg), transforms) if t == 1],
         "bits_per_gaussian": 8 * len(data) / max(n, 1),
         "channel_bits_per_gaussian": {name: (m.est_bits + 8 * len(m.side)) / max(n, 1)
                                       for name, m in zip(channel_names(deg), chosen)},
@@ -351,17 +394,19 @@ def decode_bytes(data: bytes) -> tuple[GaussianScene, dict]:
     n, deg = head["n_gaussians"], head["sh_degree"]
     body_end = len(data) - 4
     pos = _HEAD.size
-    bits, models, lo, hi = [], [], [], []
+    bits, models, lo, hi, transforms = [], [], [], [], []
     for c in range(head["n_channels"]):
         _need(data[:body_end], pos, _CHAN.size, f"channel {c}")
-        b, mid, l, h, side_len = _CHAN.unpack_from(data, pos)
+        b, mode, l, h, side_len = _CHAN.unpack_from(data, pos)
+        mid, tr = mode & 0x0F, mode >> 4
         pos += _CHAN.size
-        if not 1 <= b <= MAX_BITS or mid not in MODELS or not (math.isfinite(l) and math.isfinite(h) and l <= h):
+        if (not 1 <= b <= MAX_BITS or mid not in MODELS or tr not in TRANSFORMS
+                or not (math.isfinite(l) and math.isfinite(h) and l <= h)):
             raise NifiError(f"corrupt .nifi file: channel {c} has an invalid description")
         _need(data[:body_end], pos, side_len, f"channel {c} model")
         models.append(_model_from_side(MODELS[mid], data[pos:pos + side_len], b, n))
         pos += side_len
-        bits.append(b), lo.append(l), hi.append(h)
+        bits.append(b), lo.append(l), hi.append(h), transforms.append(tr)
     _need(data[:body_end], pos, 4, "payload length")
     (words,) = struct.unpack_from("<I", data, pos)
     pos += 4
@@ -386,6 +431,8 @@ def decode_bytes(data: bytes) -> tuple[GaussianScene, dict]:
         coder = constriction.stream.stack.AnsCoder(payload)
         for c, m in enumerate(models):
             sym[:, c] = np.asarray(coder.decode(m.constriction_model(bits[c]), n), np.int32) + m.offset
+            if transforms[c] == 1:
+                sym[:, c] = delta_decode(sym[:, c], bits[c])
         if not coder.is_empty():
             raise NifiError("corrupt .nifi file: payload has data left after the last symbol")
     values = dequantize(sym, bits, np.array(lo, np.float32), np.array(hi, np.float32))
