@@ -133,6 +133,60 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+DEFAULT_BASE = "data/cpu/prior"
+DEFAULT_CKPT = "data/cpu/restorer/nifi.pt"
+
+
+def cmd_restore(args) -> int:
+    import time
+
+    import torch
+
+    from .common import pick_device, repo_path
+    from .restorer import DTYPES, IMAGE_SUFFIXES, Restorer, read_image, write_image
+
+    lq, out = Path(args.lq), Path(args.out)
+    if lq.is_dir():
+        inputs = sorted(p for p in lq.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not inputs:
+            raise NifiError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {lq}")
+        if out.suffix:
+            raise NifiError(f"--lq is a folder, so --out must be a folder too, got {out}")
+        targets = [out / (p.stem + ".png") for p in inputs]
+    elif lq.is_file():
+        inputs, targets = [lq], [out / (lq.stem + ".png") if out.is_dir() or not out.suffix else out]
+    else:
+        raise NifiError(f"--lq not found: {lq}")
+    if args.dtype not in DTYPES:
+        raise NifiError(f"--dtype must be one of {sorted(set(DTYPES))}, got {args.dtype!r}")
+    t0 = None if str(args.t0).lower() in ("none", "null") else float(args.t0)
+    if t0 is not None and not 0 <= t0 <= 1000:
+        raise NifiError(f"--t0 must be in [0, 1000] or 'none', got {args.t0}")
+    if args.tile is not None and args.tile < 2:
+        raise NifiError(f"--tile is a latent tile size in pixels (>= 2), got {args.tile}")
+    device = pick_device(args.device)
+    base = repo_path(args.base_model)
+    r = Restorer.from_pretrained(base, args.embeddings, device=device, dtype=DTYPES[args.dtype])
+    ckpt = repo_path(args.ckpt) if args.ckpt else None
+    if ckpt is None and args.base_model == DEFAULT_BASE:
+        ckpt = repo_path(DEFAULT_CKPT)
+    if ckpt is not None and str(ckpt).lower() != "none":
+        if not ckpt.is_file():
+            raise NifiError(f"restorer checkpoint not found: {ckpt} (run the pipeline's distill stage, or pass "
+                            f"--ckpt FILE; --ckpt none runs the prior without LoRA)")
+        r.load_lora(ckpt)
+    r.to(device, DTYPES[args.dtype])
+    images = [read_image(p) for p in inputs]  # validate every input before writing anything
+    t_start = time.time()
+    for (img, info), dst in zip(images, targets):
+        with torch.no_grad():
+            res = r.restore(img, t0=t0, seed=args.seed, tile=args.tile)
+        write_image(dst, res, info)
+    print(f"restored {len(images)} image(s) -> {targets[0] if len(targets) == 1 else out} "
+          f"({(time.time() - t_start) / len(images) * 1000:.0f} ms/image, {device}, {args.dtype})")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .run import run_stage
 
@@ -178,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--shard", default="0/1", help="k/n: scenes i with i %% n == k")
     y.add_argument("--device", default="auto")
     y.set_defaults(fn=cmd_synthesize)
+
+    rs = sub.add_parser("restore", help="restore a compressed render (or a folder of them) in one step (NiFi)")
+    rs.add_argument("--lq", required=True, help="degraded image, or a folder of images")
+    rs.add_argument("--out", required=True, help="output image (or folder)")
+    rs.add_argument("--base-model", default=DEFAULT_BASE,
+                    help=f"prior folder in SD3's diffusers layout (default {DEFAULT_BASE}; or an SD3-medium folder)")
+    rs.add_argument("--ckpt", help=f"restorer LoRA checkpoint {{'vae','transformer'}} (default with the default "
+                                   f"base: {DEFAULT_CKPT}; 'none' = no LoRA)")
+    rs.add_argument("--embeddings", help="prompt embeddings .npz (default: <base-model>/embeddings/default.npz)")
+    rs.add_argument("--t0", default="199", help="start timestep (default 199); 'none' = the w/o-t0 variant")
+    rs.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    rs.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (official default on GPU: bf16)")
+    rs.add_argument("--seed", type=int, default=0, help="seed of the posterior and t0 noise")
+    rs.add_argument("--tile", type=int, help="latent tile size for large images (e.g. 32)")
+    rs.set_defaults(fn=cmd_restore)
 
     s = sub.add_parser("run", help="run one pipeline stage through papermill (same as python -m nifi_utils.run)")
     s.add_argument("stage")

@@ -1,0 +1,193 @@
+"""Layer 5 (models): SD3-architecture model folders (the prior's layout) and tiny instances of them.
+
+`save_prior` writes SD3's diffusers layout (`vae/`, `transformer/`, `scheduler/` with
+`save_pretrained`, plus `embeddings/{default,null}.npz`), so `Restorer.from_pretrained` loads a tiny
+model and SD3-medium through one code path. `tiny_sd3` builds a randomly initialised instance (tests,
+benchmarks, and the starting point of the `prior` stage's training).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .common import NifiError
+from .restorer import Restorer, save_embeddings
+
+
+@dataclass
+class TinySD3Config:
+    vae_channels: list = field(default_factory=lambda: [16, 32])  # 2 blocks -> 2x downsampling
+    vae_layers_per_block: int = 1
+    vae_norm_groups: int = 4
+    latent_channels: int = 4
+    scaling_factor: float = 1.0
+    dit_layers: int = 1
+    dit_heads: int = 2
+    dit_head_dim: int = 8
+    patch_size: int = 2
+    text_dim: int = 32  # joint_attention_dim (SD3: 4096)
+    caption_dim: int = 16  # caption_projection_dim (SD3: 1152)
+    pooled_dim: int = 16  # pooled_projection_dim (SD3: 2048)
+    text_len: int = 8  # tokens in the fixed prompt embeddings (SD3: 333)
+    sample_size: int = 32  # latent size the positional embedding is built for
+    pos_embed_max_size: int = 64
+    shift: float = 3.0  # SD3's scheduler shift
+
+
+def tiny_sd3(cfg: TinySD3Config | None = None, seed: int = 0) -> Restorer:
+    """A randomly initialised SD3-architecture Restorer (AutoencoderKL + SD3Transformer2DModel)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    cfg = cfg or TinySD3Config()
+    torch.manual_seed(seed)
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.vae_channels),
+                        layers_per_block=cfg.vae_layers_per_block, latent_channels=cfg.latent_channels,
+                        norm_num_groups=cfg.vae_norm_groups, scaling_factor=cfg.scaling_factor,
+                        use_quant_conv=True, use_post_quant_conv=True)
+    transformer = SD3Transformer2DModel(
+        sample_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.latent_channels,
+        num_layers=cfg.dit_layers, attention_head_dim=cfg.dit_head_dim, num_attention_heads=cfg.dit_heads,
+        joint_attention_dim=cfg.text_dim, caption_projection_dim=cfg.caption_dim,
+        pooled_projection_dim=cfg.pooled_dim, out_channels=cfg.latent_channels,
+        pos_embed_max_size=cfg.pos_embed_max_size)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
+    g = torch.Generator().manual_seed(seed + 1)
+    pe = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
+    pp = torch.randn(1, cfg.pooled_dim, generator=g)
+    return Restorer(vae, transformer, scheduler, pe, pp, torch.zeros_like(pe), torch.zeros_like(pp))
+
+
+def save_prior(r: Restorer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """SD3's folder layout; `register_to_config` keeps the VAE scaling factor across save/load."""
+    folder = Path(folder)
+    if any("lora_" in n for m in (r.vae, r.transformer) for n, _ in m.named_parameters()):
+        raise NifiError("save_prior: the models carry LoRA adapters; save the prior before adding them "
+                        "(the adapters go to a checkpoint with Restorer.save_lora)")
+    folder.mkdir(parents=True, exist_ok=True)
+    r.vae.register_to_config(scaling_factor=float(r.vae.config.scaling_factor))
+    vae, tr = r.vae, r.transformer
+    if dtype is not None:  # a converted copy; the caller's models keep their dtype
+        import copy
+
+        vae, tr = copy.deepcopy(vae).to(dtype), copy.deepcopy(tr).to(dtype)
+    vae.save_pretrained(folder / "vae")
+    tr.save_pretrained(folder / "transformer")
+    r.scheduler.save_pretrained(folder / "scheduler")
+    save_embeddings(folder / "embeddings" / "default.npz", r.prompt_embeds, r.pooled)
+    if r.null_embeds is not None:
+        save_embeddings(folder / "embeddings" / "null.npz", r.null_embeds, r.null_pooled)
+    return folder
+
+
+# ---------------------------------------------------------------------- the cpu prior's autoencoder
+class _ResBlock(torch.nn.Module):
+    """conv3x3 -> SiLU -> conv3x3, added to the input; the second conv starts at zero (identity block)."""
+
+    def __init__(self, ch: int, hidden: int):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(ch, hidden, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(hidden, ch, 3, padding=1)
+        torch.nn.init.zeros_(self.conv2.weight)
+        torch.nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x):
+        return x + self.conv2(torch.nn.functional.silu(self.conv1(x)))
+
+
+class _Mid(torch.nn.Module):
+    def __init__(self, ch: int, hidden: int, n: int):
+        super().__init__()
+        self.resnets = torch.nn.ModuleList([_ResBlock(ch, hidden) for _ in range(n)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        return x
+
+
+_CLASSES: dict = {}
+
+
+def patch_autoencoder_class():
+    """The PatchAutoencoder class, defined on first use (diffusers is imported only when needed)."""
+    if "PatchAutoencoder" not in _CLASSES:
+        _CLASSES["PatchAutoencoder"] = _define_patch_autoencoder()
+    return _CLASSES["PatchAutoencoder"]
+
+
+def _define_patch_autoencoder():
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+    from diffusers.models.modeling_utils import ModelMixin
+
+    class PatchAutoencoder(ModelMixin, ConfigMixin):
+        """A small autoencoder with `AutoencoderKL`'s interface whose linear path is a patch transform.
+
+        encoder.conv_in (a `patch`x`patch`, stride-`patch` convolution) maps each pixel patch to
+        `latent_channels` numbers: initialised with the PCA basis of training patches it *is* patch
+        PCA, which reconstructs held-out natural images far better than a small randomly initialised
+        AutoencoderKL trains to on 2 cores. Residual blocks (zero-initialised, so the model starts as
+        exact PCA) refine it nonlinearly in latent space (encoder, decoder) and at full resolution
+        (decoder). The posterior has a learned per-channel log-variance, kept small. Module names
+        follow AutoencoderKL's, so the restorer's VAE-encoder LoRA finds conv_in, mid_block resnets
+        and conv_out.
+        """
+
+        _supports_gradient_checkpointing = False
+
+        @register_to_config
+        def __init__(self, in_channels: int = 3, latent_channels: int = 16, patch: int = 4, hidden: int = 64,
+                     n_res_enc: int = 1, n_res_dec: int = 2, pixel_hidden: int = 32, scaling_factor: float = 1.0,
+                     shift_factor: float = 0.0, logvar_init: float = -8.0, downsample_factor: int = 4):
+            super().__init__()
+            self.encoder = torch.nn.Module()
+            self.encoder.conv_in = torch.nn.Conv2d(in_channels, latent_channels, patch, stride=patch)
+            self.encoder.mid_block = _Mid(latent_channels, hidden, n_res_enc)
+            self.encoder.conv_out = torch.nn.Conv2d(latent_channels, latent_channels, 1)
+            torch.nn.init.eye_(self.encoder.conv_out.weight[:, :, 0, 0])
+            torch.nn.init.zeros_(self.encoder.conv_out.bias)
+            self.logvar = torch.nn.Parameter(torch.full((latent_channels,), float(logvar_init)))
+            self.decoder = torch.nn.Module()
+            self.decoder.mid_block = _Mid(latent_channels, hidden, n_res_dec)
+            self.decoder.conv_out = torch.nn.ConvTranspose2d(latent_channels, in_channels, patch, stride=patch)
+            self.decoder.refine = _ResBlock(in_channels, pixel_hidden)
+
+        def set_pca(self, channel_mean: torch.Tensor, basis: torch.Tensor):
+            """z = B (x - m), x^ = B^T z + m per patch: channel_mean [3], basis [C, 3*p*p] with orthonormal
+            rows in conv weight order (channel, y, x). The decoder's ConvTranspose2d is B^T."""
+            p, c_in = self.config.patch, self.config.in_channels
+            w = basis.reshape(-1, c_in, p, p).to(self.encoder.conv_in.weight)
+            m = channel_mean.to(w)
+            with torch.no_grad():
+                self.encoder.conv_in.weight.copy_(w)
+                self.encoder.conv_in.bias.copy_(-(w * m[None, :, None, None]).sum((1, 2, 3)))
+                self.decoder.conv_out.weight.copy_(w)
+                self.decoder.conv_out.bias.copy_(m)
+            return self
+
+        def encode(self, x, return_dict: bool = True):
+            h = self.encoder.conv_out(self.encoder.mid_block(self.encoder.conv_in(x)))
+            lv = self.logvar.clamp(-12.0, 0.0).to(h)[None, :, None, None].expand_as(h)
+            dist = DiagonalGaussianDistribution(torch.cat([h, lv], 1))
+            return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+        def decode(self, z, return_dict: bool = True):
+            x = self.decoder.refine(self.decoder.conv_out(self.decoder.mid_block(z)))
+            return DecoderOutput(sample=x) if return_dict else (x,)
+
+        def forward(self, x, sample_posterior: bool = False, generator=None):
+            d = self.encode(x).latent_dist
+            return self.decode(d.sample(generator) if sample_posterior else d.mode())
+
+    return PatchAutoencoder
+
+
+def __getattr__(name):  # `models.PatchAutoencoder`, looked up by Restorer.from_pretrained from the config
+    if name == "PatchAutoencoder":
+        return patch_autoencoder_class()
+    raise AttributeError(name)
