@@ -70,8 +70,40 @@ def stlpips(pred, gt, net: str = "alex") -> torch.Tensor:
     return model(p, g.to(p.device), normalize=True).reshape(-1)
 
 
+TORCHVISION_WEIGHTS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
+def lpips_available(net: str = "alex") -> bool:
+    """Real LPIPS needs torchvision and its ImageNet backbone already in the torch hub cache: we never
+    download (lpips would fetch the backbone on first use)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torchvision") is None or importlib.util.find_spec("lpips") is None:
+        return False
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_WEIGHTS[net]))
+
+
+@functools.lru_cache(maxsize=4)
+def lpips_model(net: str = "alex", device: str = "cpu") -> torch.nn.Module:
+    if not lpips_available(net):
+        raise NifiError(f"real LPIPS ({net}) needs torchvision and {TORCHVISION_WEIGHTS[net]} in the torch hub cache "
+                        f"({torch.hub.get_dir()}/checkpoints); offline, use ST-LPIPS")
+    import lpips as lp
+
+    return lp.LPIPS(net=net, verbose=False).eval().requires_grad_(False).to(device)
+
+
+def lpips(pred, gt, net: str = "alex") -> torch.Tensor:
+    """LPIPS (Zhang et al.) per image; only where `lpips_available(net)`."""
+    p, g = to_bchw(pred), to_bchw(gt)
+    return lpips_model(net, str(p.device))(p, g.to(p.device), normalize=True).reshape(-1)
+
+
 METRIC_BACKENDS = {
     "psnr": "nifi_utils.metrics.psnr (MSE on [0,1] images)",
     "stlpips_alex": "stlpips-pytorch 0.0.2, net=alex, variant=shift_tolerant (ST-LPIPS, not LPIPS)",
     "stlpips_vgg": "stlpips-pytorch 0.0.2, net=vgg, variant=shift_tolerant (ST-LPIPS, not LPIPS)",
+    "lpips_alex": "lpips 0.1.4, net=alex, torchvision ImageNet backbone (only where its weights are cached)",
+    "lpips_vgg": "lpips 0.1.4, net=vgg, torchvision ImageNet backbone (only where its weights are cached)",
 }

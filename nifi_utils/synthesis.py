@@ -98,7 +98,7 @@ def render_uint8(scene, cams, background) -> list[np.ndarray]:
 def synthesize_scene(scene_dir: str | Path, data_root: str | Path, cfg: SynthesisConfig, seed: int = 0,
                      device: str | torch.device = "cpu") -> dict:
     """Run the codec on one scene folder; write bitstreams, pairs and renders under `data_root`."""
-    from .metrics import psnr, stlpips
+    from .metrics import lpips, lpips_available, psnr, stlpips
 
     scene_dir, data_root = Path(scene_dir), Path(data_root)
     name = scene_dir.name
@@ -165,6 +165,8 @@ def synthesize_scene(scene_dir: str | Path, data_root: str | Path, cfg: Synthesi
                **codec.size_report(path.stat().st_size, ply_bytes),
                "psnr": float(np.mean([psnr(a, b) for a, b in zip(rend, gts)])),
                "stlpips_alex": float(np.mean([float(stlpips(a, b)) for a, b in zip(rend, gts)])),
+               **({"lpips_alex": float(np.mean([float(lpips(a, b)) for a, b in zip(rend, gts)]))}
+                  if lpips_available("alex") else {}),
                "encode_s": t_enc, "decode_s": t_dec,
                "ratio_to_entropy_bound": enc.stats["ratio_to_entropy_bound"],
                "payload_bytes": enc.stats["payload_bytes"], "side_bytes": enc.stats["side_bytes"],
