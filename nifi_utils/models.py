@@ -121,11 +121,12 @@ def patch_autoencoder_class():
 
 def _define_patch_autoencoder():
     from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.loaders.peft import PeftAdapterMixin
     from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
     from diffusers.models.modeling_outputs import AutoencoderKLOutput
     from diffusers.models.modeling_utils import ModelMixin
 
-    class PatchAutoencoder(ModelMixin, ConfigMixin):
+    class PatchAutoencoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """A small autoencoder with `AutoencoderKL`'s interface whose linear path is a patch transform.
 
         encoder.conv_in (a `patch`x`patch`, stride-`patch` convolution) maps each pixel patch to

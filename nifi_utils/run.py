@@ -43,6 +43,7 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
     if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells):
         raise NifiError(f"{spec.notebook} has no cell tagged 'parameters'")
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["keep_output"] = True  # an executed notebook is a result: nbstripout must not strip it
     os.environ.setdefault("NIFI_QUIET", "1")  # the kernel inherits it: throttled progress bars
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / (spec.notebook.stem + ".ipynb")

@@ -1,0 +1,242 @@
+"""Layer 5 (models): pretraining the offline profiles' tiny SD3-architecture prior.
+
+The paper downloads SD3-medium; the `cpu` profile has no download, so it trains its own prior on
+clean images of the training split only (training scenes' training views, training photographs and
+procedural textures; never an evaluation scene or photograph):
+1. autoencoder: `PatchAutoencoder` initialised as patch PCA of training patches (a near-optimal
+   linear latent, fitted in a second), then its residual refinement trained with L1 + ST-LPIPS;
+2. `SD3Transformer2DModel`: rectified flow on the scheduler's shifted sigmas (logit-normal in
+   unshifted time, as SD3), v-target eps - x, prompt dropout to the null embeddings so CFG works.
+Colour augmentation (channel permutation, per-channel gain, flips) from the first step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import NifiError, progress
+
+
+@dataclass
+class PriorConfig:
+    latent_channels: int = 16
+    patch: int = 4
+    vae_hidden: int = 64
+    vae_res_enc: int = 1
+    vae_res_dec: int = 2
+    vae_pixel_hidden: int = 32
+    vae_steps: int = 200
+    vae_batch: int = 16
+    vae_crop: int = 64
+    vae_lr: float = 1e-3
+    vae_lambda_stlpips: float = 0.5
+    dit_layers: int = 4
+    dit_heads: int = 4
+    dit_head_dim: int = 32
+    text_dim: int = 64
+    caption_dim: int = 128
+    pooled_dim: int = 64
+    text_len: int = 16
+    dit_steps: int = 2000
+    dit_batch: int = 32
+    dit_lr: float = 3e-4
+    image_size: int = 128
+    augment_copies: int = 4
+    prompt_dropout: float = 0.1
+    shift: float = 3.0
+    n_textures: int = 64
+    pos_embed_max_size: int = 128  # in patches; the buffer is saved with the model (128: 4 MB at width 128)
+
+
+# ---------------------------------------------------------------------- data
+def training_images(scenes_root: Path, n_textures: int, size: int, seed: int) -> tuple[list, list]:
+    """(train, held_out) uint8 HxWx3 images. Train: training scenes' training views + textures from the
+    training photographs and procedural kinds. Held out: training scenes' test views (idx % 8 == 0)."""
+    from PIL import Image
+
+    from .scenes import PROCEDURAL, TRAIN_PHOTOS, load_photo, procedural_texture
+
+    train, held = [], []
+    dirs = sorted(d for d in scenes_root.iterdir() if d.is_dir())
+    for d in dirs:
+        meta = json.loads((d / "transforms.json").read_text())
+        if meta.get("split") != "train":
+            continue  # evaluation scenes never enter the prior's data
+        for i, fr in enumerate(meta["frames"]):
+            im = np.asarray(Image.open(d / fr["file_path"]).convert("RGB"))
+            (held if i in meta["test_ids"] else train).append(im)
+    if not train:
+        raise NifiError(f"no training scenes under {scenes_root}: run the scenes stage first")
+    rng = np.random.default_rng(seed)
+    for k in range(n_textures):
+        if k % 2 == 0:
+            photo = load_photo(TRAIN_PHOTOS[(k // 2) % len(TRAIN_PHOTOS)])
+            h, w = photo.shape[:2]
+            s = int(rng.integers(size, max(size + 1, min(h, w))))
+            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            crop = torch.from_numpy(photo[y:y + s, x:x + s]).permute(2, 0, 1)[None]
+            tex = F.interpolate(crop, size=(size, size), mode="area")[0].permute(1, 2, 0).numpy()
+        else:
+            tex = procedural_texture(PROCEDURAL[(k // 2) % len(PROCEDURAL)], rng, size)
+        train.append((np.clip(tex, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return train, held
+
+
+def to_pm1(imgs: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Colour and geometry augmentation of a [B,3,H,W] batch in [-1,1]: a random channel permutation,
+    per-channel gains in [0.8, 1.2] about mid-grey, horizontal flips."""
+    b = x.shape[0]
+    perm = torch.stack([torch.randperm(3, generator=g) for _ in range(b)])
+    x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+    gain = 0.8 + 0.4 * torch.rand(b, 3, 1, 1, generator=g)
+    x = (x * gain).clamp(-1, 1)
+    flip = torch.rand(b, generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_crops(x: torch.Tensor, n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    idx = torch.randint(len(x), (n,), generator=g)
+    h, w = x.shape[-2:]
+    ys = torch.randint(0, h - size + 1, (n,), generator=g)
+    xs = torch.randint(0, w - size + 1, (n,), generator=g)
+    return torch.stack([x[i, :, y:y + size, xx:xx + size] for i, y, xx in zip(idx, ys, xs)])
+
+
+# ---------------------------------------------------------------------- autoencoder
+def fit_patch_pca(x: torch.Tensor, patch: int, channels: int, max_patches: int = 200_000, seed: int = 0):
+    """(per-channel mean [3], basis [channels, 3*p*p]) of the patches of images x [B,3,H,W]."""
+    cm = x.mean((0, 2, 3))
+    pt = F.unfold(x - cm[None, :, None, None], patch, stride=patch).permute(0, 2, 1).reshape(-1, 3 * patch * patch)
+    if len(pt) > max_patches:
+        pt = pt[torch.randperm(len(pt), generator=torch.Generator().manual_seed(seed))[:max_patches]]
+    cov = pt.double().T @ pt.double() / len(pt)
+    evals, evecs = torch.linalg.eigh(cov)
+    basis = evecs[:, torch.argsort(evals, descending=True)[:channels]].T.float()
+    return cm, basis
+
+
+def train_autoencoder(train: torch.Tensor, cfg: PriorConfig, seed: int, log: list) -> torch.nn.Module:
+    from .metrics import stlpips_model
+    from .models import patch_autoencoder_class
+
+    g = torch.Generator().manual_seed(seed)
+    ae = patch_autoencoder_class()(latent_channels=cfg.latent_channels, patch=cfg.patch, hidden=cfg.vae_hidden,
+                                   n_res_enc=cfg.vae_res_enc, n_res_dec=cfg.vae_res_dec,
+                                   pixel_hidden=cfg.vae_pixel_hidden, downsample_factor=cfg.patch)
+    cm, basis = fit_patch_pca(augment(train, g), cfg.patch, cfg.latent_channels, seed=seed)
+    ae.set_pca(cm, basis)
+    perc = stlpips_model("alex", "cpu") if cfg.vae_lambda_stlpips > 0 else None
+    opt = torch.optim.AdamW([p for n, p in ae.named_parameters() if n != "logvar"], lr=cfg.vae_lr, weight_decay=0.0)
+    for step in progress(range(cfg.vae_steps), desc="autoencoder"):
+        x = augment(random_crops(train, cfg.vae_batch, cfg.vae_crop, g), g)
+        y = ae(x).sample
+        l1 = (y - x).abs().mean()
+        lp = perc(y, x).mean() if perc is not None else torch.zeros(())
+        loss = l1 + cfg.vae_lambda_stlpips * lp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.append({"phase": "vae", "step": step, "l1": float(l1.detach()), "stlpips": float(lp.detach())})
+    with torch.no_grad():
+        z = torch.cat([ae.encode(train[i:i + 32]).latent_dist.mean for i in range(0, len(train), 32)])
+    ae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=0.0)
+    return ae.eval()
+
+
+# ---------------------------------------------------------------------- flow-matching transformer
+def build_transformer(cfg: PriorConfig):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=cfg.image_size // cfg.patch, patch_size=2, in_channels=cfg.latent_channels,
+        num_layers=cfg.dit_layers, attention_head_dim=cfg.dit_head_dim, num_attention_heads=cfg.dit_heads,
+        joint_attention_dim=cfg.text_dim, caption_projection_dim=cfg.caption_dim, pooled_projection_dim=cfg.pooled_dim,
+        out_channels=cfg.latent_channels, pos_embed_max_size=cfg.pos_embed_max_size)
+
+
+def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def train_transformer(restorer, latents: torch.Tensor, cfg: PriorConfig, seed: int, log: list,
+                      time_budget_s: float | None = None):
+    """Rectified flow: x_t = (1 - s) x + s eps, v = eps - x, s = shift(sigmoid(N(0,1)))."""
+    g = torch.Generator().manual_seed(seed + 7)
+    tr = restorer.transformer
+    tr.train()
+    opt = torch.optim.AdamW(tr.parameters(), lr=cfg.dit_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / max(cfg.dit_steps, 1), 1.0))) + 0.05)
+    t_start = time.time()
+    for step in progress(range(cfg.dit_steps), desc="transformer"):
+        idx = torch.randint(len(latents), (cfg.dit_batch,), generator=g)
+        x = latents[idx]
+        eps = torch.randn(x.shape, generator=g)
+        sig = shifted_sigmas(torch.sigmoid(torch.randn(cfg.dit_batch, generator=g)), cfg.shift)
+        x_t = (1 - sig[:, None, None, None]) * x + sig[:, None, None, None] * eps
+        drop = torch.rand(cfg.dit_batch, generator=g) < cfg.prompt_dropout
+        pe = torch.where(drop[:, None, None], restorer.null_embeds, restorer.prompt_embeds).expand(cfg.dit_batch, -1, -1)
+        pp = torch.where(drop[:, None], restorer.null_pooled, restorer.pooled).expand(cfg.dit_batch, -1)
+        v = tr(hidden_states=x_t, encoder_hidden_states=pe, pooled_projections=pp, timestep=1000 * sig,
+               return_dict=False)[0]
+        loss = F.mse_loss(v, eps - x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        log.append({"phase": "dit", "step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]})
+        if time_budget_s is not None and time.time() - t_start > time_budget_s:
+            break
+    tr.eval()
+    return restorer
+
+
+def encode_latents(ae, images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
+    """Scaled latent means of `copies` augmented versions of every image (the DiT's training set)."""
+    g = torch.Generator().manual_seed(seed + 3)
+    out = []
+    with torch.no_grad():
+        for c in range(copies):
+            for i in range(0, len(images), 32):
+                x = images[i:i + 32] if c == 0 else augment(images[i:i + 32], g)
+                out.append(ae.encode(x).latent_dist.mean * ae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def build_prior(train: torch.Tensor, cfg: PriorConfig, seed: int, dit_time_budget_s: float | None = None):
+    """Train the autoencoder then the transformer; returns (Restorer, training log)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .restorer import Restorer
+
+    torch.manual_seed(seed)
+    log: list = []
+    t0 = time.time()
+    ae = train_autoencoder(train, cfg, seed, log)
+    t_vae = time.time() - t0
+    tr = build_transformer(cfg)
+    g = torch.Generator().manual_seed(seed + 11)
+    pe = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)  # the fixed "default prompt" embedding
+    pp = torch.randn(1, cfg.pooled_dim, generator=g)
+    r = Restorer(ae, tr, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift), pe, pp,
+                 torch.zeros_like(pe), torch.zeros_like(pp))
+    latents = encode_latents(ae, train, cfg.augment_copies, seed)
+    t1 = time.time()
+    train_transformer(r, latents, cfg, seed, log, dit_time_budget_s)
+    timings = {"vae_s": t_vae, "dit_s": time.time() - t1, "latents": list(latents.shape)}
+    return r, log, timings
+
+
+def config_dict(cfg: PriorConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,252 @@
+# %% [markdown]
+# # 02 · The flow-matching prior (a tiny SD3 for the offline profiles)
+#
+# **Purpose.** NiFi's restorer is distilled from a pretrained flow-matching prior and decodes through
+# that prior's VAE (paper §3-4, SD3-medium). The offline `cpu` profile cannot download SD3, so this
+# stage pretrains an SD3-*architecture* prior of its own on clean images of the training split:
+# 1. **Autoencoder.** A `PatchAutoencoder` (diffusers `ModelMixin`/`ConfigMixin`, `AutoencoderKL`'s
+#    interface) whose linear path is the PCA of 4x4 pixel patches (16 latent channels, 4x
+#    downsampling), refined by zero-initialised residual blocks trained with L1 + ST-LPIPS. Why: a
+#    randomly initialised `AutoencoderKL` stays near 17 dB after 8 CPU minutes, while the PCA alone
+#    already reconstructs held-out images at > 30 dB (measured in `offline_facts.md` and below).
+# 2. **Transformer.** A small `SD3Transformer2DModel` trained by rectified flow,
+#    $x_t = (1-\sigma)x + \sigma\epsilon$, target $v = \epsilon - x$, $\sigma$ from the scheduler's
+#    shift ($\sigma = 3u/(1+2u)$, $u$ logit-normal), fixed "default prompt" embeddings dropped to the
+#    null embeddings with $p = 0.1$ (so classifier-free guidance works).
+#
+# Everything is saved in SD3's diffusers layout, so the restorer loads this prior and SD3-medium
+# through one code path. `paper` profile: checks the SD3 folder and embeddings you give, writes
+# nothing large.
+#
+# **Inputs.** `data/<profile>/scenes/` (training scenes only), `data/<profile>/renders/` (compressed
+# test views of training scenes, for the img2img gate). **Outputs.** `data/<profile>/prior/`
+# (committed to git: the stage is `frozen`), `reports/<profile>/prior.json`,
+# `reports/<profile>/figures/prior.png`.
+#
+# **Runtime.** `tiny` ~15 s · `cpu` ~60 min on 2 cores (`dvc repro -f prior`; `make repro` uses the
+# committed weights) · `paper`: seconds.
+
+# %% tags=["parameters"]
+profile = "tiny"
+seed = 0
+source = "train"
+sd3_dir = ""
+sd3_embeddings = ""
+latent_channels = 16
+patch = 4
+vae_hidden = 16
+vae_res_enc = 1
+vae_res_dec = 1
+vae_pixel_hidden = 8
+vae_steps = 5
+vae_batch = 4
+vae_crop = 32
+vae_lr = 0.001
+vae_lambda_stlpips = 0.5
+dit_layers = 1
+dit_heads = 2
+dit_head_dim = 16
+text_dim = 16
+caption_dim = 32
+pooled_dim = 16
+text_len = 4
+dit_steps = 20
+dit_batch = 8
+dit_lr = 0.0003
+dit_time_budget_s = 600
+image_size = 48
+augment_copies = 2
+prompt_dropout = 0.1
+shift = 3.0
+n_textures = 4
+pos_embed_max_size = 32
+t0 = 199
+img2img_steps = 10
+gate_vae_psnr = 28.0
+gate_vae_stlpips = 0.10
+gate_denoise_gap_db = 1.0
+enforce_gates = False
+
+# %%
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+
+from nifi_utils.common import provenance, repo_path, seed_everything
+from nifi_utils.metrics import METRIC_BACKENDS, psnr, stlpips
+from nifi_utils.restorer import Restorer, load_embeddings
+
+out_dir = repo_path("data", profile, "prior")
+report_path = repo_path("reports", profile, "prior.json")
+fig_path = repo_path("reports", profile, "figures", "prior.png")
+fig_path.parent.mkdir(parents=True, exist_ok=True)
+seed_everything(seed)
+torch.set_num_threads(max(1, torch.get_num_threads()))
+t_start = time.time()
+
+# %% [markdown]
+# ## Paper profile: check the SD3 folder (nothing is trained or copied)
+
+# %%
+if source == "sd3":
+    base = Path(sd3_dir)
+    missing = [s for s in ("vae/config.json", "transformer/config.json", "scheduler/scheduler_config.json")
+               if not (base / s).is_file()]
+    assert not missing, f"SD3 folder {base} lacks {missing}: download stabilityai/stable-diffusion-3-medium-diffusers by hand"
+    pe, pp = load_embeddings(sd3_embeddings)
+    tcfg = json.loads((base / "transformer" / "config.json").read_text())
+    assert pe.shape[-1] == tcfg["joint_attention_dim"] and pp.shape[-1] == tcfg["pooled_projection_dim"], "embeddings do not fit SD3"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "source.json").write_text(json.dumps({"sd3_dir": str(base), "embeddings": str(sd3_embeddings)}, indent=1))
+    report_path.write_text(json.dumps({"source": "sd3", "sd3_dir": str(base), "prompt_embeds": list(pe.shape),
+                                       "provenance": provenance(profile, seed, "cpu")}, indent=1))
+    print("SD3 folder and embeddings look complete")
+
+# %% [markdown]
+# ## Training data: the training split only
+# Training scenes' training views, training photographs and procedural textures. Held out: the
+# training scenes' test views (every 8th), never trained on. Evaluation scenes are not read.
+
+# %%
+if source == "train":
+    from nifi_utils.prior import PriorConfig, build_prior, to_pm1, training_images
+
+    cfg = PriorConfig(latent_channels=latent_channels, patch=patch, vae_hidden=vae_hidden, vae_res_enc=vae_res_enc,
+                      vae_res_dec=vae_res_dec, vae_pixel_hidden=vae_pixel_hidden, vae_steps=vae_steps,
+                      vae_batch=vae_batch, vae_crop=vae_crop, vae_lr=vae_lr, vae_lambda_stlpips=vae_lambda_stlpips,
+                      dit_layers=dit_layers, dit_heads=dit_heads, dit_head_dim=dit_head_dim, text_dim=text_dim,
+                      caption_dim=caption_dim, pooled_dim=pooled_dim, text_len=text_len, dit_steps=dit_steps,
+                      dit_batch=dit_batch, dit_lr=dit_lr, image_size=image_size, augment_copies=augment_copies,
+                      prompt_dropout=prompt_dropout, shift=shift, n_textures=n_textures,
+                      pos_embed_max_size=pos_embed_max_size)
+    train_imgs, held_imgs = training_images(repo_path("data", profile, "scenes"), n_textures, image_size, seed)
+    train, held = to_pm1(train_imgs), to_pm1(held_imgs)
+    print(f"{len(train)} training images, {len(held)} held-out images, {tuple(train.shape[-2:])} px")
+
+# %% [markdown]
+# ## Train the autoencoder, then the transformer
+
+# %%
+if source == "train":
+    from nifi_utils.models import save_prior
+
+    restorer, log, timings = build_prior(train, cfg, seed, dit_time_budget_s)
+    save_prior(restorer, out_dir, dtype=torch.float16)
+    n_params = {"vae": sum(p.numel() for p in restorer.vae.parameters()),
+                "transformer": sum(p.numel() for p in restorer.transformer.parameters())}
+    size_mb = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file()) / 1e6
+    print(f"trained in {timings['vae_s']:.0f} s (VAE) + {timings['dit_s']:.0f} s (DiT); {n_params}; folder {size_mb:.1f} MB")
+
+# %% [markdown]
+# ## Quality gates, on what downstream stages load (the fp16 folder, read back)
+# - VAE round trip on held-out images: PSNR >= 28 dB and ST-LPIPS <= 0.10;
+# - one-step denoising at t0: encode a clean held-out image, noise it to $\sigma_{t_0}$, take
+#   $\hat x = x_{t_0} - \sigma_{t_0} v$, decode: within 1 dB of the round trip;
+# - K-step img2img from t0 on compressed renders (training scenes' test views) must not make them
+#   worse on average (ST-LPIPS).
+
+# %%
+if source == "train":
+    prior = Restorer.from_pretrained(out_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    _, s0, _ = prior.schedule(t0)
+    rt, den = [], []
+    with torch.no_grad():
+        for i in range(0, len(held), 16):
+            x = held[i:i + 16]
+            z = prior.encode(x, sample=False)
+            rt.append(prior.decode(z, x.shape[-2:]).clamp(-1, 1))
+            noise = torch.randn(z.shape, generator=g)
+            x_t = s0 * noise + (1 - s0) * z
+            z0 = x_t - s0 * prior.velocity(x_t, t0)
+            den.append(prior.decode(z0, x.shape[-2:]).clamp(-1, 1))
+    rt, den = torch.cat(rt) * 0.5 + 0.5, torch.cat(den) * 0.5 + 0.5
+    clean = held * 0.5 + 0.5
+    vae_psnr = float(np.mean([psnr(a, b) for a, b in zip(rt[:, None], clean[:, None])]))
+    vae_lp = float(stlpips(rt, clean).mean())
+    den_psnr = float(np.mean([psnr(a, b) for a, b in zip(den[:, None], clean[:, None])]))
+    den_lp = float(stlpips(den, clean).mean())
+    # img2img on compressed renders of the training scenes' test views
+    rdir = repo_path("data", profile, "renders")
+    pairs = [(f, f.parent.parent / "gt" / f.name) for f in sorted(rdir.glob("train_*/level*/*.png"))]
+    lq = torch.stack([torch.from_numpy(np.asarray(Image.open(a).convert("RGB"))).permute(2, 0, 1) for a, _ in pairs]).float() / 255
+    gt = torch.stack([torch.from_numpy(np.asarray(Image.open(b).convert("RGB"))).permute(2, 0, 1) for _, b in pairs]).float() / 255
+    i2i = torch.cat([prior.img2img(lq[i:i + 16], t0=t0, steps=img2img_steps, seed=seed) for i in range(0, len(lq), 16)])
+    lp_in, lp_out = float(stlpips(lq, gt).mean()), float(stlpips(i2i, gt).mean())
+    ps_in = float(np.mean([psnr(a, b) for a, b in zip(lq[:, None], gt[:, None])]))
+    ps_out = float(np.mean([psnr(a, b) for a, b in zip(i2i[:, None], gt[:, None])]))
+    gates = {
+        "vae_psnr_db": vae_psnr, "vae_stlpips_alex": vae_lp,
+        "denoise_t0_psnr_db": den_psnr, "denoise_t0_stlpips_alex": den_lp, "denoise_gap_db": vae_psnr - den_psnr,
+        "img2img_pairs": len(pairs), "img2img_steps": img2img_steps,
+        "compressed_stlpips_alex": lp_in, "img2img_stlpips_alex": lp_out, "compressed_psnr_db": ps_in, "img2img_psnr_db": ps_out,
+    }
+    checks = {
+        f"vae_psnr_at_least_{gate_vae_psnr}": vae_psnr >= gate_vae_psnr,
+        f"vae_stlpips_at_most_{gate_vae_stlpips}": vae_lp <= gate_vae_stlpips,
+        f"denoise_within_{gate_denoise_gap_db}_db_of_vae": vae_psnr - den_psnr <= gate_denoise_gap_db,
+        "img2img_not_worse_than_compressed": lp_out <= lp_in,
+    }
+    for k, v in gates.items():
+        print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
+    for k, v in checks.items():
+        print(f"{'PASS' if v else 'FAIL'}  {k}")
+
+# %% [markdown]
+# ## What the prior can do: reconstructions, one-step denoising, img2img, samples, loss curves
+
+# %%
+if source == "train":
+    with torch.no_grad():
+        sig = prior.sampler_sigmas(1000, 20)
+        gs = torch.Generator().manual_seed(seed + 1)
+        hw = image_size // prior.vae_scale_factor
+        xs = torch.randn(4, prior.transformer.config.in_channels, hw, hw, generator=gs)
+        for a, b in zip(sig[:-1], sig[1:]):
+            xs = xs - (a - b) * prior.guided_velocity(xs, 1000 * a, guidance=3.0)
+        samples = (prior.decode(xs, (image_size, image_size)) * 0.5 + 0.5).clamp(0, 1)
+    n = min(4, len(held))
+    rows = [("held-out clean", clean[:n]), ("VAE round trip", rt[:n]), (f"one-step denoise t0={t0}", den[:n]),
+            ("compressed", lq[:n]), (f"img2img K={img2img_steps}", i2i[:n]), ("samples (CFG 3)", samples[:n])]
+    fig, axes = plt.subplots(len(rows) + 1, n, figsize=(2.2 * n, 2.2 * (len(rows) + 1)))
+    for r, (name, ims) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(ims[c].permute(1, 2, 0).numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+    for ax in axes[-1]:
+        ax.remove()
+    ax = fig.add_subplot(len(rows) + 1, 1, len(rows) + 1)
+    dl = [e["loss"] for e in log if e["phase"] == "dit"]
+    vl = [e["l1"] + vae_lambda_stlpips * e["stlpips"] for e in log if e["phase"] == "vae"]
+    ax.plot(np.convolve(dl, np.ones(20) / 20, mode="valid") if len(dl) > 40 else dl, label="DiT flow loss")
+    ax.plot(vl, label="VAE L1 + ST-LPIPS")
+    ax.set_yscale("log"), ax.legend(fontsize=7), ax.set_xlabel("step", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(fig_path, dpi=110)
+    plt.show()
+
+# %% [markdown]
+# ## Report
+# At this size the prior is a good autoencoder and a competent low-noise denoiser; its samples from
+# pure noise are textures, not scenes (a 2 M-parameter transformer trained for an hour on a few hundred
+# images). NiFi only needs the low-noise end (t0 = 199) and the score differences along it.
+
+# %%
+if source == "train":
+    report = {"source": "train", "config": cfg.__dict__, "timings": timings, "n_params": n_params,
+              "folder_mb": size_mb, "n_train_images": len(train), "n_held_out": len(held), "gates": gates,
+              "checks": checks, "gates_enforced": enforce_gates, "scaling_factor": prior.scaling_factor,
+              "loss_log": log[:: max(1, len(log) // 400)], "metric_backends": {k: METRIC_BACKENDS[k] for k in ("psnr", "stlpips_alex")},
+              "seconds": round(time.time() - t_start, 1), "provenance": provenance(profile, seed, "cpu")}
+    report_path.write_text(json.dumps(report, indent=1))
+    if enforce_gates:
+        assert all(checks.values()), f"prior quality gates failed: {[k for k, v in checks.items() if not v]}"
+print(f"stage time {time.time() - t_start:.0f} s")
