@@ -1,0 +1,320 @@
+"""Layer 5 (models): NiFi distillation, training the one-step restorer (paper §3, Eqs. 1, 4-8).
+
+Generator phi- (LoRA on the transformer and the VAE encoder) restores in one step from the degraded
+latent noised to t0 (`Restorer.one_step`, exactly the inference path). A critic phi+ (a second LoRA
+on a frozen copy of the transformer) learns the score of the restored distribution; the frozen prior
+with its adapters off is the real score. Per step, with t from the scheduler's timesteps in an index
+range (TSD-SR: 50..949), one noise eps for both latents, CFG on both scores:
+
+    g = alpha sigma^2 (v_real(x^_t) - v_fake(x^_t)) + (1 - alpha) sigma^2 (v_real(x^_t) - v_real(x_t))
+    L_gen = w_kl * 0.5 |x^ - sg(x^ - g)|^2 + w_l2 |x^ - x|^2 + w_p perceptual(D(x^), I)
+    L_critic = |v_phi+(x^_t', t') - (eps' - sg(x^))|^2        (paper Eq. 8, flow form; "x0": TSD-SR's)
+
+Updates alternate every step (generator, then critic). HF `accelerate` runs it on one CPU, one GPU
+or many (`accelerate launch`); checkpoints hold LoRA weights, optimizers, the step and every RNG, so
+an interrupted run resumes into the same trajectory.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import NifiError, progress
+from .restorer import CRITIC_LORA_TARGETS, Restorer
+
+
+@dataclass
+class DistillConfig:
+    rank: int = 64
+    critic_rank: int = 64
+    t0: float | None = 199
+    tsd_weight: float = 1.0  # 0 -> the "no TSD" ablation (l2 + perceptual only)
+    alpha: float = 0.7
+    cfg_scale: float = 7.5
+    l2_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual: str = "stlpips_alex"  # stlpips_alex | stlpips_vgg | lpips_alex (needs torchvision weights)
+    t_index_min: int = 50
+    t_index_max: int = 950
+    critic_loss: str = "flow"  # flow (paper Eq. 8) | x0 (TSD-SR)
+    latent: str = "sample"  # sample (official) | mean
+    lr_g: float = 5e-6
+    lr_c: float = 1e-6
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    steps: int = 100
+    batch: int = 4
+    crop: int = 64
+    prompt_dropout: float = 0.1
+    grad_accum: int = 1
+    checkpoint_every: int = 0
+    eval_every: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
+        if self.critic_loss not in ("flow", "x0"):
+            raise NifiError(f"critic_loss must be 'flow' or 'x0', got {self.critic_loss!r}")
+        if self.latent not in ("sample", "mean"):
+            raise NifiError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
+        if not 0 <= self.t_index_min < self.t_index_max <= 1000:
+            raise NifiError(f"t index range [{self.t_index_min}, {self.t_index_max}) is not inside [0, 1000)")
+
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class PairSet:
+    """(degraded, clean) training pairs as [N,3,H,W] uint8 tensors, plus their scene and level."""
+    lq: torch.Tensor
+    hq: torch.Tensor
+    meta: list = field(default_factory=list)
+
+    @classmethod
+    def from_pairs_dir(cls, root: Path, levels=None) -> "PairSet":
+        from PIL import Image
+
+        lq, hq, meta = [], [], []
+        for scene in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+            for ldir in sorted(scene.glob("level*")):
+                lv = int(ldir.name[5:])
+                if levels is not None and lv not in levels:
+                    continue
+                for f in sorted(ldir.glob("*.png")):
+                    c = scene / "clean" / f.name
+                    if not c.is_file():
+                        raise NifiError(f"pair {f} has no clean image {c}")
+                    lq.append(np.asarray(Image.open(f).convert("RGB")))
+                    hq.append(np.asarray(Image.open(c).convert("RGB")))
+                    meta.append((scene.name, lv, f.stem))
+        if not lq:
+            raise NifiError(f"no training pairs under {root}: run the synthesis stage first")
+        t = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        return cls(t(lq), t(hq), meta)
+
+    def batch(self, n: int, crop: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random pairs, same random crop in both, as floats in [0, 1]."""
+        idx = torch.randint(len(self.lq), (n,), generator=g)
+        h, w = self.lq.shape[-2:]
+        c = min(crop, h, w)
+        ys = torch.randint(0, h - c + 1, (n,), generator=g)
+        xs = torch.randint(0, w - c + 1, (n,), generator=g)
+        lq = torch.stack([self.lq[i, :, y:y + c, x:x + c] for i, y, x in zip(idx, ys, xs)])
+        hq = torch.stack([self.hq[i, :, y:y + c, x:x + c] for i, y, x in zip(idx, ys, xs)])
+        return lq.float() / 255, hq.float() / 255
+
+
+# ---------------------------------------------------------------------- perceptual loss
+def perceptual_fn(name: str, device):
+    """Differentiable perceptual distance on [0,1] images (mean over the batch)."""
+    if name.startswith("stlpips_"):
+        from .metrics import stlpips_model
+
+        model = stlpips_model(name.split("_", 1)[1], str(device))
+        return lambda a, b: model(a, b, normalize=True).mean()
+    if name.startswith("lpips_"):
+        from .metrics import lpips_model
+
+        model = lpips_model(name.split("_", 1)[1], str(device))  # clear error where the weights are absent
+        return lambda a, b: model(a, b, normalize=True).mean()
+    raise NifiError(f"unknown perceptual loss {name!r}")
+
+
+# ---------------------------------------------------------------------- the trainer
+class Distiller:
+    """Holds phi- (on `restorer`) and phi+ (on a frozen copy of its transformer) and their optimizers."""
+
+    def __init__(self, restorer: Restorer, cfg: DistillConfig, accelerator=None):
+        from accelerate import Accelerator
+        from peft import LoraConfig
+
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                                              mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        if self.acc.num_processes > 1:
+            # DDP wraps the models, and the restorer reads their configs and sub-modules directly: until
+            # that is unwrapped per call, refuse rather than train with unsynchronised LoRA gradients.
+            raise NifiError("multi-process (accelerate launch) distillation is not supported yet; run one process")
+        r = restorer
+        for m in (r.vae, r.transformer):
+            m.requires_grad_(False)
+        self.critic = copy.deepcopy(r.transformer)  # frozen copy: adapters off = the real score
+        self.critic.add_adapter(LoraConfig(r=cfg.critic_rank, lora_alpha=cfg.critic_rank, init_lora_weights="gaussian",
+                                           target_modules=CRITIC_LORA_TARGETS), adapter_name="critic")
+        if not r._has_adapter():
+            r.add_lora(rank=cfg.rank, alpha=cfg.rank)
+        self.r = r
+        gen_params = [p for m in (r.transformer, r.vae) for n, p in m.named_parameters() if "lora_" in n]
+        crit_params = [p for n, p in self.critic.named_parameters() if "lora_" in n]
+        for p in gen_params + crit_params:
+            p.requires_grad_(True)
+            p.data = p.data.float()
+        self.gen_params, self.crit_params = gen_params, crit_params
+        self.opt_g = torch.optim.AdamW(gen_params, lr=cfg.lr_g, weight_decay=cfg.weight_decay)
+        self.opt_c = torch.optim.AdamW(crit_params, lr=cfg.lr_c, weight_decay=cfg.weight_decay)
+        (r.transformer, r.vae, self.critic, self.opt_g, self.opt_c) = self.acc.prepare(
+            r.transformer, r.vae, self.critic, self.opt_g, self.opt_c)
+        self.perc = perceptual_fn(cfg.perceptual, self.acc.device) if cfg.perceptual_weight > 0 else None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        ts = r.scheduler.timesteps.float()
+        self.timesteps, self.sigmas = ts, r.scheduler.sigmas.float()[: len(ts)]
+
+    # -------------------------------------------------------------- state (for accelerate checkpoints)
+    def state_dict(self):
+        return {"step": self.step, "gen": self.gen.get_state(), "history": json.dumps(self.history),
+                "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "py": repr(random.getstate())}
+
+    def load_state_dict(self, sd):
+        self.step = int(sd["step"])
+        self.gen.set_state(sd["gen"])
+        self.history = json.loads(sd["history"])
+        torch.set_rng_state(sd["torch"])
+
+    def save_checkpoint(self, folder: str | Path):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), folder / "distiller_state.pt")
+        torch.save({"opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
+                    "gen_lora": [p.detach().cpu() for p in self.gen_params],
+                    "crit_lora": [p.detach().cpu() for p in self.crit_params]}, folder / "training_state.pt")
+
+    def load_checkpoint(self, folder: str | Path):
+        folder = Path(folder)
+        st = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for p, v in zip(self.gen_params, st["gen_lora"]):
+                p.copy_(v)
+            for p, v in zip(self.crit_params, st["crit_lora"]):
+                p.copy_(v)
+        self.opt_g.load_state_dict(st["opt_g"])
+        self.opt_c.load_state_dict(st["opt_c"])
+        self.load_state_dict(torch.load(folder / "distiller_state.pt", map_location="cpu", weights_only=True))
+
+    # -------------------------------------------------------------- pieces
+    def _embeds(self, b: int):
+        r = self.r
+        drop = (torch.rand(b, generator=self.gen) < self.cfg.prompt_dropout).to(r.prompt_embeds.device)
+        pe = torch.where(drop[:, None, None], r.null_embeds, r.prompt_embeds)
+        pp = torch.where(drop[:, None], r.null_pooled, r.pooled)
+        return pe.expand(b, -1, -1), pp.expand(b, -1)
+
+    def _v(self, model, x, t, pe, pp):
+        tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+        return model(hidden_states=x, encoder_hidden_states=pe.to(x), pooled_projections=pp.to(x), timestep=tt,
+                     return_dict=False)[0]
+
+    def _cfg(self, model, x, t, pe, pp):
+        r = self.r
+        b = x.shape[0]
+        vc = self._v(model, x, t, pe, pp)
+        if self.cfg.cfg_scale == 1.0:
+            return vc
+        vu = self._v(model, x, t, r.null_embeds.expand(b, -1, -1), r.null_pooled.expand(b, -1))
+        return vu + self.cfg.cfg_scale * (vc - vu)
+
+    def _random_t(self):
+        i = int(torch.randint(self.cfg.t_index_min, self.cfg.t_index_max, (1,), generator=self.gen))
+        return float(self.timesteps[i]), float(self.sigmas[i])
+
+    def _update(self, loss, params, opt):
+        self.acc.backward(loss)
+        if self.acc.sync_gradients and self.cfg.grad_clip:
+            self.acc.clip_grad_norm_(params, self.cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # -------------------------------------------------------------- one training step
+    def train_step(self, lq01: torch.Tensor, hq01: torch.Tensor) -> dict:
+        cfg, r, dev = self.cfg, self.r, self.acc.device
+        lq, hq = (lq01.to(dev) * 2 - 1), (hq01.to(dev) * 2 - 1)
+        b = lq.shape[0]
+        pe, pp = self._embeds(b)
+        with torch.no_grad():
+            unwrapped_vae = self.acc.unwrap_model(r.vae)
+            unwrapped_vae.disable_adapters()  # x = E_base(I): the prior's own latent of the clean image
+            x = r.encode(hq, self.gen, sample=cfg.latent == "sample")
+            unwrapped_vae.enable_adapters()
+        # ---- generator phi-
+        with self.acc.accumulate(r.transformer):
+            x_lq = r.encode(lq, self.gen, sample=cfg.latent == "sample")
+            noise0 = torch.randn(x_lq.shape, generator=self.gen).to(x_lq)
+            x_hat = r.one_step(x_lq, cfg.t0, noise=noise0)
+            logs = {}
+            loss = torch.zeros((), device=dev)
+            if cfg.tsd_weight > 0:
+                with torch.no_grad():
+                    t, s = self._random_t()
+                    eps = torch.randn(x_hat.shape, generator=self.gen).to(x_hat)
+                    xh_t = s * eps + (1 - s) * x_hat.detach()
+                    x_t = s * eps + (1 - s) * x
+                    critic = self.acc.unwrap_model(self.critic)
+                    critic.disable_adapters()
+                    v_real_hat = self._cfg(critic, xh_t, t, pe, pp)
+                    v_real_gt = self._cfg(critic, x_t, t, pe, pp) if cfg.alpha < 1 else v_real_hat
+                    critic.enable_adapters()
+                    v_fake_hat = self._cfg(critic, xh_t, t, pe, pp)
+                    g = cfg.alpha * s ** 2 * (v_real_hat - v_fake_hat) + (1 - cfg.alpha) * s ** 2 * (v_real_hat - v_real_gt)
+                    g = torch.nan_to_num(g)
+                l_kl = 0.5 * F.mse_loss(x_hat, (x_hat - g).detach())
+                loss = loss + cfg.tsd_weight * l_kl
+                logs["l_kl"] = float(l_kl.detach())
+            l2 = F.mse_loss(x_hat, x)
+            loss = loss + cfg.l2_weight * l2
+            logs["l2"] = float(l2.detach())
+            if self.perc is not None:
+                img = r.decode(x_hat, hq.shape[-2:]).clamp(-1, 1)
+                lp = self.perc((img + 1) / 2, (hq + 1) / 2)
+                loss = loss + cfg.perceptual_weight * lp
+                logs["perceptual"] = float(lp.detach())
+            self._update(loss, self.gen_params, self.opt_g)
+        logs["loss_g"] = float(loss.detach())
+        # ---- critic phi+ (only needed by the TSD term)
+        if cfg.tsd_weight > 0:
+            with self.acc.accumulate(self.critic):
+                t, s = self._random_t()
+                eps = torch.randn(x_hat.shape, generator=self.gen).to(x_hat)
+                x0 = x_hat.detach()
+                xt = s * eps + (1 - s) * x0
+                v = self._v(self.critic, xt, t, pe, pp)
+                if cfg.critic_loss == "flow":
+                    lc = F.mse_loss(v, eps - x0)
+                else:
+                    w = torch.sigmoid(torch.randn((), generator=self.gen))
+                    lc = 0.5 * w * F.mse_loss(xt - s * v, x0)
+                self._update(lc, self.crit_params, self.opt_c)
+            logs["loss_c"] = float(lc.detach())
+        self.step += 1
+        logs["step"] = self.step
+        self.history.append(logs)
+        return logs
+
+    def train(self, pairs: PairSet, steps: int, checkpoint_dir: Path | None = None, evaluate=None, desc="distill"):
+        """Run until `self.step == steps` (resumable); `evaluate(self)` every cfg.eval_every steps."""
+        for _ in progress(range(self.step, steps), desc=desc):
+            lq, hq = pairs.batch(self.cfg.batch, self.cfg.crop, self.gen)
+            self.train_step(lq, hq)
+            if evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                self.history[-1].update(evaluate(self))
+            if checkpoint_dir is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint(checkpoint_dir)
+        return self.history
+
+    def export(self, path: str | Path) -> Path:
+        """The restorer in the official checkpoint format ({'vae', 'transformer'} LoRA state dicts)."""
+        self.r.transformer = self.acc.unwrap_model(self.r.transformer)
+        self.r.vae = self.acc.unwrap_model(self.r.vae)
+        return self.r.save_lora(path)
+
+
+def config_dict(cfg: DistillConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,99 @@
+"""NiFi distillation on a tiny SD3-architecture model: finite losses, only LoRA moves, alternation,
+exact resume, export, and a short overfit that helps."""
+import numpy as np
+import pytest
+import torch
+
+from nifi_utils.distill import Distiller, DistillConfig, PairSet
+from nifi_utils.models import tiny_sd3
+from nifi_utils.restorer import Restorer
+
+
+def _pairs(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    hq = torch.stack([(0.5 + 0.4 * torch.sin(8 * xx + 3 * k) * torch.cos(5 * yy)) for k in range(3)])
+    hq = (hq[None] * (0.7 + 0.3 * torch.rand(n, 3, 1, 1, generator=g))).clamp(0, 1)
+    lq = torch.nn.functional.avg_pool2d(hq, 3, 1, 1) + 0.05 * torch.randn(hq.shape, generator=g)
+    to8 = lambda t: (t.clamp(0, 1) * 255).round().byte()  # noqa: E731
+    return PairSet(to8(lq), to8(hq), [("s", 0, str(i)) for i in range(n)])
+
+
+CFG = dict(rank=4, critic_rank=4, batch=2, crop=32, lr_g=1e-3, lr_c=1e-3, cfg_scale=2.0, seed=0)
+
+
+def _distiller(**kw):
+    torch.manual_seed(0)
+    return Distiller(tiny_sd3(seed=0), DistillConfig(**{**CFG, **kw}))
+
+
+def test_losses_finite_only_lora_changes_and_updates_alternate():
+    d = _distiller()
+    base = {n: p.detach().clone() for m in (d.r.transformer, d.r.vae, d.critic) for n, p in m.named_parameters()
+            if "lora_" not in n}
+    gen0 = [p.detach().clone() for p in d.gen_params]
+    crit0 = [p.detach().clone() for p in d.crit_params]
+    hist = d.train(_pairs(), 3)
+    assert all(np.isfinite([v for k, v in h.items() if k != "step"]).all() for h in hist)
+    assert all({"l_kl", "l2", "perceptual", "loss_g", "loss_c"} <= set(h) for h in hist)
+    assert any(not torch.equal(a, b) for a, b in zip(gen0, d.gen_params))  # generator moved
+    assert any(not torch.equal(a, b) for a, b in zip(crit0, d.crit_params))  # critic moved
+    now = {n: p for m in (d.r.transformer, d.r.vae, d.critic) for n, p in m.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base[n], now[n]) for n in base)  # frozen weights untouched
+    assert d.opt_g.state_dict()["state"][0]["step"] == 3 and d.opt_c.state_dict()["state"][0]["step"] == 3
+
+
+def test_no_tsd_variant_skips_the_critic():
+    d = _distiller(tsd_weight=0.0)
+    crit0 = [p.detach().clone() for p in d.crit_params]
+    hist = d.train(_pairs(), 2)
+    assert "l_kl" not in hist[-1] and "loss_c" not in hist[-1]
+    assert all(torch.equal(a, b) for a, b in zip(crit0, d.crit_params))
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    pairs = _pairs()
+    a = _distiller(checkpoint_every=2)
+    a.train(pairs, 4)
+    b = _distiller(checkpoint_every=2)
+    b.train(pairs, 2, checkpoint_dir=tmp_path / "ckpt")  # "interrupted" after step 2
+    c = _distiller(checkpoint_every=2)
+    c.load_checkpoint(tmp_path / "ckpt")
+    assert c.step == 2
+    c.train(pairs, 4)
+    for p, q in zip(a.gen_params + a.crit_params, c.gen_params + c.crit_params):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert [h["loss_g"] for h in a.history] == pytest.approx([h["loss_g"] for h in c.history], rel=1e-5)
+
+
+def test_export_is_the_official_format_and_reloads(tmp_path):
+    from nifi_utils.models import save_prior
+
+    save_prior(tiny_sd3(seed=0), tmp_path / "prior")
+    d = _distiller()
+    d.train(_pairs(), 2)
+    d.export(tmp_path / "nifi.pt")
+    sd = torch.load(tmp_path / "nifi.pt", weights_only=True)
+    assert set(sd) == {"vae", "transformer"} and sd["vae"] and sd["transformer"]
+    r = Restorer.from_pretrained(tmp_path / "prior").load_lora(tmp_path / "nifi.pt")
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(r.restore(img, seed=3), d.r.restore(img, seed=3), atol=1e-5)
+
+
+def test_short_overfit_on_one_pair_reduces_its_stlpips():
+    from nifi_utils.metrics import stlpips
+
+    pairs = _pairs(n=1)
+    d = _distiller(tsd_weight=0.0, lr_g=3e-3, batch=1, crop=32, latent="mean")
+    lq, hq = pairs.lq.float() / 255, pairs.hq.float() / 255
+    before = float(stlpips(d.r.restore(lq, seed=0), hq))
+    d.train(pairs, 40)
+    after = float(stlpips(d.r.restore(lq, seed=0), hq))
+    assert after < before
+
+
+@pytest.mark.gpu
+def test_a_training_step_on_cuda_with_bf16_autocast():
+    d = Distiller(tiny_sd3(seed=0).to("cuda"), DistillConfig(**{**CFG, "mixed_precision": "bf16"}))
+    hist = d.train(_pairs(), 2)
+    assert np.isfinite([v for k, v in hist[-1].items() if k != "step"]).all()
