@@ -12,12 +12,23 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
+# offline `dvc plots show/diff`: pinned vega libraries from npm, inlined into a DVC HTML template
+# (nifi_utils/plots_offline.py); DVC resolves plots.html_template relative to .dvc/
+VEGA_NPM := vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+NPM_DIR := $(VENV)/npm
+PLOTS_TEMPLATE := $(VENV)/dvc-plots-offline.html
+
+$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install --attributes .gitattributes >/dev/null 2>&1 || true
+	@if ! command -v npm >/dev/null 2>&1; then echo "warning: npm not found: dvc plots show/diff will load vega from the CDN (blank offline)"; \
+	elif npm install --prefix $(NPM_DIR) --no-audit --no-fund --silent --save-exact $(VEGA_NPM) \
+	  && $(BIN)/python -m nifi_utils.plots_offline --node-modules $(NPM_DIR)/node_modules --out $(PLOTS_TEMPLATE) >/dev/null; then \
+	  test ! -d .dvc || $(BIN)/dvc config --local plots.html_template ../$(PLOTS_TEMPLATE); \
+	else echo "warning: npm install $(VEGA_NPM) failed: dvc plots show/diff will load vega from the CDN (blank offline)"; fi
 	@touch $(STAMP)
 
 # the cpu pipeline (params.yaml `profile: cpu`); `dvc exp run -S profile=tiny` for the small one
