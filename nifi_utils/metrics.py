@@ -17,12 +17,14 @@ from .common import NifiError
 
 
 def to_bchw(img) -> torch.Tensor:
-    """uint8 HxWx3 / float HxWx3 / float BxCxHxW -> float BxCxHxW in [0,1]."""
+    """uint8 or float HxWx3, BxHxWx3 or BxCxHxW -> float BxCxHxW (uint8 scaled to [0,1])."""
     t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img))
     if t.dtype == torch.uint8:
         t = t.float() / 255.0
     if t.ndim == 3:
         t = t[..., :3].permute(2, 0, 1)[None]
+    elif t.ndim == 4 and t.shape[1] != 3 and t.shape[-1] == 3:  # a stack of HxWx3 images
+        t = t.permute(0, 3, 1, 2)
     return t.float()
 
 
@@ -66,6 +68,8 @@ def stlpips_model(net: str = "alex", device: str = "cpu") -> torch.nn.Module:
 def stlpips(pred, gt, net: str = "alex") -> torch.Tensor:
     """ST-LPIPS distance per image (lower is better); differentiable w.r.t. `pred`."""
     p, g = to_bchw(pred), to_bchw(gt)
+    if p.shape != g.shape:
+        raise NifiError(f"ST-LPIPS of images of different shapes {tuple(p.shape)} and {tuple(g.shape)}")
     model = stlpips_model(net, str(p.device))
     return model(p, g.to(p.device), normalize=True).reshape(-1)
 
@@ -107,3 +111,83 @@ METRIC_BACKENDS = {
     "lpips_alex": "lpips 0.1.4, net=alex, torchvision ImageNet backbone (only where its weights are cached)",
     "lpips_vgg": "lpips 0.1.4, net=vgg, torchvision ImageNet backbone (only where its weights are cached)",
 }
+
+
+def ssim(pred, gt) -> torch.Tensor:
+    """SSIM per image (torchmetrics, Gaussian window 11, sigma 1.5; higher is better)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    p, g = to_bchw(pred), to_bchw(gt)
+    if p.shape != g.shape:
+        raise NifiError(f"SSIM of images of different shapes {tuple(p.shape)} and {tuple(g.shape)}")
+    return structural_similarity_index_measure(p, g.to(p.device), data_range=1.0, reduction="none").reshape(-1)
+
+
+def dists_available() -> bool:
+    """DISTS (torchmetrics) needs torchvision's ImageNet VGG16 already in the torch hub cache."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_WEIGHTS["vgg"]))
+
+
+@functools.lru_cache(maxsize=2)
+def dists_model(device: str = "cpu") -> torch.nn.Module:
+    if not dists_available():
+        raise NifiError(f"DISTS needs torchvision and {TORCHVISION_WEIGHTS['vgg']} in the torch hub cache "
+                        f"({torch.hub.get_dir()}/checkpoints); offline, use ST-LPIPS")
+    from torchmetrics.functional.image.dists import DISTSNetwork
+
+    return DISTSNetwork().eval().requires_grad_(False).to(device)
+
+
+def dists(pred, gt) -> torch.Tensor:
+    """DISTS per image (Ding et al., VGG16 backbone; lower is better); only where `dists_available()`."""
+    p, g = to_bchw(pred), to_bchw(gt)
+    return dists_model(str(p.device))(p, g.to(p.device)).reshape(-1)
+
+
+METRIC_BACKENDS.update({
+    "ssim": "torchmetrics 1.9.0 structural_similarity_index_measure (gaussian 11x11, sigma 1.5, data_range 1)",
+    "dists": "torchmetrics 1.9.0 DISTSNetwork, torchvision ImageNet VGG16 (only where its weights are cached)",
+})
+LOWER_IS_BETTER = {"psnr": False, "ssim": False, "stlpips_alex": True, "stlpips_vgg": True, "lpips_alex": True,
+                   "lpips_vgg": True, "dists": True, "mv_consistency": True}
+
+
+def metric_available(name: str) -> bool:
+    """Whether a metric can be computed here (LPIPS and DISTS need cached torchvision weights)."""
+    if name in ("psnr", "ssim", "stlpips_alex", "stlpips_vgg"):
+        return True
+    if name in ("lpips_alex", "lpips_vgg"):
+        return lpips_available(name.split("_")[1])
+    if name == "dists":
+        return dists_available()
+    raise NifiError(f"unknown metric {name!r}; known: {', '.join(LOWER_IS_BETTER)}")
+
+
+def image_metrics(pred, gt, names: list[str]) -> dict[str, np.ndarray]:
+    """Every metric in `names` per image of a batch, as numpy arrays."""
+    p, g = to_bchw(pred), to_bchw(gt)
+    if p.shape != g.shape:
+        raise NifiError(f"metrics of images of different shapes {tuple(p.shape)} and {tuple(g.shape)}")
+    out = {}
+    with torch.no_grad():
+        for n in names:
+            if n == "psnr":
+                out[n] = np.array([psnr(p[i:i + 1], g[i:i + 1]) for i in range(len(p))])
+            elif n == "ssim":
+                v = ssim(p, g)
+            elif n.startswith("stlpips_"):
+                v = stlpips(p, g, n.split("_")[1])
+            elif n.startswith("lpips_"):
+                v = lpips(p, g, n.split("_")[1])
+            elif n == "dists":
+                v = dists(p, g)
+            else:
+                raise NifiError(f"unknown metric {n!r}")
+            if n != "psnr":
+                out[n] = v.detach().cpu().numpy().astype(np.float64)
+    return out

@@ -1,0 +1,333 @@
+# %% [markdown]
+# # 04 · Benchmark: every restorer on the same compressed renders
+#
+# **Purpose.** The paper's Table 1 (§4.2): restore every compressed *test-view* render of the
+# evaluation scenes with every method and score it against the ground truth, at every rate.
+# - Methods: `compressed` (no restoration), `bm3d` (noise level estimated per image), `img2img` (the
+#   prior without LoRA: noise to $t_0$, then $K$ Euler steps with classifier-free guidance),
+#   `nifi_wo_t0`, `nifi_no_tsd`, `nifi` (the distilled one-step restorers), other tools' outputs
+#   (`external_restorers`), and the uncompressed 3DGS as the reference row (`3dgs`, "3DGS-30K").
+# - Metrics: PSNR, SSIM, ST-LPIPS (AlexNet and VGG; shift-tolerant LPIPS, *not* LPIPS), and the paper's
+#   LPIPS and DISTS where torchvision's ImageNet weights exist on this machine.
+# - Beyond the paper: a **multi-view consistency** score. Perceptual metrics reward plausible detail
+#   even when it is wrong; a restorer that hallucinates detail per view makes the views disagree with
+#   each other. We warp restored view $i$ into view $j$ through the uncompressed scene's depth and
+#   report the colour error on co-visible pixels relative to the same error between ground-truth views.
+#
+# **Inputs.** `data/<p>/renders/` and `data/<p>/records/` (synthesis), `data/<p>/scenes/` (cameras and
+# the uncompressed `.ply`), `data/<p>/prior/`, `data/<p>/restorer/*.pt` and `reports/<p>/distill.json` (distill).
+# **Outputs.** `reports/<p>/benchmark.csv` (one row per method, scene, view and rate),
+# `reports/<p>/metrics.json` (DVC metrics: means per method and rate, provenance),
+# `data/<p>/benchmark/<method>/<scene>/<rate>/<view>.png` (restored images), `reports/<p>/figures/consistency.png`.
+#
+# **Runtime.** `tiny` ~30 s · `cpu` ~3 min on 2 cores (BM3D and ST-LPIPS-VGG dominate; the last cell
+# prints this run's time) · `paper`: minutes per scene on a GPU.
+
+# %% tags=["parameters"]
+profile = "tiny"
+seed = 0
+base_model = "data/tiny/prior"
+methods = ["bm3d", "img2img", "nifi_wo_t0", "nifi_no_tsd", "nifi"]
+img2img_steps = 4
+img2img_guidance = 7.5
+t0 = 199
+metrics = ["psnr", "ssim", "stlpips_alex", "stlpips_vgg"]
+consistency = True
+consistency_depth_tol = 0.02
+max_views = 0
+tile = 0
+device = "auto"
+external_restorers = []
+
+# %%
+import json
+import os
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from nifi_utils import benchmark as B
+from nifi_utils.common import pick_device, progress, provenance, repo_path, seed_everything
+from nifi_utils.gaussians import read_ply
+from nifi_utils.metrics import LOWER_IS_BETTER, METRIC_BACKENDS, image_metrics, metric_available
+from nifi_utils.restorer import Restorer
+from nifi_utils.scenes import EVAL_PHOTOS, TRAIN_PHOTOS
+
+t_start = time.time()
+seed_everything(seed)
+dev = pick_device(device)
+data = repo_path("data", profile)
+out_img = data / "benchmark"
+csv_path = repo_path("reports", profile, "benchmark.csv")
+metrics_path = repo_path("reports", profile, "metrics.json")
+fig_path = repo_path("reports", profile, "figures", "consistency.png")
+fig_path.parent.mkdir(parents=True, exist_ok=True)
+records = {r["scene"]: r for r in (json.loads(p.read_text()) for p in sorted((data / "records").glob("*.json")))}
+synthesis = json.loads(repo_path("reports", profile, "synthesis.json").read_text())
+distill = json.loads(repo_path("reports", profile, "distill.json").read_text())
+scene_meta = {d.name: json.loads((d / "transforms.json").read_text()) for d in sorted((data / "scenes").iterdir()) if d.is_dir()}
+eval_scenes = [s for s, m in scene_meta.items() if m.get("split", "eval") == "eval"]
+assert eval_scenes, f"no evaluation scenes under {data / 'scenes'}"
+unknown = sorted(set(methods) - set(B.METHOD_ORDER))
+assert not unknown, f"unknown methods {unknown}; known: {B.METHOD_ORDER[2:]} (+ external_restorers)"
+print(f"device {dev}; evaluation scenes: {eval_scenes}")
+
+# %% [markdown]
+# ## No leakage: evaluation scenes and their photographs were never trained on
+# The restorer trained on pairs of *training* scenes; the prior on training scenes and training
+# photographs. Evaluation scenes come from a separate seed stream and a fixed photo split. We assert it
+# here on the data itself: pair folders belong to training scenes only, seeds and layouts differ, and no
+# evaluation ground-truth image is byte-identical to a training image.
+
+# %%
+import hashlib  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+assert not set(EVAL_PHOTOS) & set(TRAIN_PHOTOS), "evaluation and training photographs overlap"
+pair_scenes = sorted(p.name for p in (data / "pairs").iterdir() if p.is_dir())
+assert all(scene_meta[s].get("split") == "train" for s in pair_scenes), "a distillation pair comes from a non-training scene"
+assert not set(pair_scenes) & set(eval_scenes), "evaluation scenes among the training pairs"
+train_ids = {(m.get("seed"), m.get("layout_id")) for s, m in scene_meta.items() if s not in eval_scenes}
+assert all((scene_meta[s].get("seed"), scene_meta[s].get("layout_id")) not in train_ids
+           for s in eval_scenes if scene_meta[s].get("source") == "procedural"), "an evaluation layout repeats a training one"
+
+
+def digest(p):
+    return hashlib.sha1(np.asarray(Image.open(p).convert("RGB")).tobytes()).hexdigest()
+
+
+train_hashes = {digest(p) for p in (data / "pairs").glob("*/clean/*.png")}
+eval_hashes = {digest(p) for s in eval_scenes for p in (data / "renders" / s / "gt").glob("*.png")}
+assert not train_hashes & eval_hashes, "an evaluation ground-truth image is also a training image"
+print(f"no leakage: {len(pair_scenes)} training scenes, {len(eval_scenes)} evaluation scenes, "
+      f"{len(train_hashes)} training / {len(eval_hashes)} evaluation images, photo split {len(TRAIN_PHOTOS)}/{len(EVAL_PHOTOS)}")
+
+# %% [markdown]
+# ## Inputs: the compressed test renders at every rate
+# Our codec's levels (`level0` is the lowest rate) and any external codec's renders registered by the
+# synthesis stage. Sizes are the bitstream byte counts; MB = 10^6 bytes.
+
+# %%
+inputs = []
+for s in eval_scenes:
+    rec = records[s]
+    for lv in rec["levels"]:
+        inputs.append({"scene": s, "codec": B.OUR_CODEC, "rate": f"level{lv['level']}", "bytes": lv["bytes"],
+                       "folder": data / "renders" / s / f"level{lv['level']}", "ply_bytes": rec["ply_bytes"]})
+    for e in synthesis.get("external", []):
+        if e["scene"] == s:
+            inputs.append({"scene": s, "codec": e["name"], "rate": e["rate"], "bytes": e["bytes"],
+                           "folder": data / e["folder"], "ply_bytes": rec["ply_bytes"]})
+views = {s: B.test_views(data / "renders" / s)[: (max_views or None)] for s in eval_scenes}
+gt = {s: [B.load_rgb(data / "renders" / s / "gt" / v) for v in views[s]] for s in eval_scenes}
+lq = {(i["scene"], i["codec"], i["rate"]): [B.load_rgb(i["folder"] / v) for v in views[i["scene"]]] for i in inputs}
+active = [m for m in metrics if metric_available(m)]
+skipped = [m for m in metrics if m not in active]
+print(f"{len(inputs)} (scene, codec, rate) inputs x {len(next(iter(views.values())))} views; metrics {active}"
+      + (f"; skipped (no torchvision ImageNet weights here): {skipped}" if skipped else ""))
+
+# %% [markdown]
+# ## Run every method
+# Each image is restored on its own (batch 1) so `ms_per_image` is the latency a user sees. NiFi variants
+# use the `t0` and latent mode they were trained with (`reports/<p>/distill.json`); `nifi_wo_t0` is
+# TSD-SR's one step from $\sigma = 1$. img2img: $x_{t_0} = \sigma_{t_0}\epsilon + (1-\sigma_{t_0})\tilde x$,
+# then $K$ Euler steps $x \leftarrow x - (\sigma_k - \sigma_{k+1})\,[v_u + w(v_c - v_u)]$.
+# BM3D's C core is single-threaded: its images are spread over the cores.
+
+# %%
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, im):
+    x = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255
+    sync()
+    t = time.perf_counter()
+    y = fn(x)
+    sync()
+    return y[0].cpu(), 1000 * (time.perf_counter() - t)
+
+
+outputs = {}  # (method, scene, codec, rate) -> (list of uint8 images, list of ms)
+keys = list(lq)
+for k in keys:
+    outputs[("compressed", *k)] = (lq[k], [0.0] * len(lq[k]))
+if "bm3d" in methods:
+    flat = [(k, i) for k in keys for i in range(len(lq[k]))]
+    res = B.bm3d_many([lq[k][i] / 255.0 for k, i in flat], workers=os.cpu_count() or 1)
+    for (k, i), (im, sigma, sec) in zip(flat, res):
+        outputs.setdefault(("bm3d", *k), ([], []))
+        outputs[("bm3d", *k)][0].append(B.save_rgb(im, out_img / "bm3d" / k[0] / k[2] / views[k[0]][i]))
+        outputs[("bm3d", *k)][1].append(1000 * sec)
+    print(f"bm3d: {len(flat)} images, estimated noise sigma {np.mean([r[1] for r in res]) * 255:.2f}/255 on average")
+diffusion = [m for m in methods if m == "img2img" or m in B.NIFI_VARIANTS]
+variant_cfg = {v: distill["variants"][v]["config"] for v in diffusion if v in B.NIFI_VARIANTS}
+missing = [v for v in B.NIFI_VARIANTS if v in diffusion and not repo_path("data", profile, "restorer", f"{v}.pt").is_file()]
+assert not missing, f"restorer checkpoints missing for {missing}: run the distill stage (variants in params.yaml)"
+for m in diffusion:
+    r = Restorer.from_pretrained(repo_path(base_model), device=dev)
+    if m == "img2img":
+        fn = lambda x: r.img2img(x, t0=t0, steps=img2img_steps, guidance=img2img_guidance, seed=seed, tile=tile or None)  # noqa: E731
+    else:
+        r.load_lora(repo_path("data", profile, "restorer", f"{m}.pt"))
+        c = variant_cfg[m]
+        fn = lambda x, c=c: r.restore(x, t0=c["t0"], seed=seed, tile=tile or None, sample=c["latent"] == "sample")  # noqa: E731
+    timed(fn, lq[keys[0]][0])  # warm-up (allocations, kernels) is not part of the timing
+    for k in progress(keys, desc=m):
+        ims, ms = [], []
+        for v, im in zip(views[k[0]], lq[k]):
+            y, t_ms = timed(fn, im)
+            ims.append(B.save_rgb(y, out_img / m / k[0] / k[2] / v))
+            ms.append(t_ms)
+        outputs[(m, *k)] = (ims, ms)
+    del r
+for e in external_restorers:
+    k = next((k for k in keys if k[0] == e["scene"] and k[2] == e["rate"]), None)
+    assert k is not None, f"external restorer {e.get('name')}: no input for scene {e.get('scene')!r} rate {e.get('rate')!r}"
+    ims = B.external_restorer_images({**e, "folder": repo_path(e["folder"])}, views[k[0]], gt[k[0]][0].shape)
+    outputs[(f"external_{e['name']}", *k)] = ([B.save_rgb(im, out_img / f"external_{e['name']}" / k[0] / k[2] / v)
+                                              for v, im in zip(views[k[0]], ims)], [float("nan")] * len(ims))
+print(f"methods done in {time.time() - t_start:.0f} s")
+
+# %% [markdown]
+# ## Score: image metrics and multi-view consistency
+# The consistency correspondences (depth of the uncompressed scene, occlusion test) are computed once per
+# scene; every method's images are warped through the same ones.
+
+# %%
+meters, unc = {}, {}
+for s in eval_scenes:
+    meta = scene_meta[s]
+    names = [os.path.splitext(os.path.basename(f["file_path"]))[0] + ".png" for f in meta["frames"]]
+    from nifi_utils.cameras import read_transforms  # noqa: E402
+
+    cams = read_transforms(data / "scenes" / s / "transforms.json")
+    unc[s] = [B.load_rgb(data / "renders" / s / "uncompressed" / v) for v in views[s]]
+    if consistency:
+        scene = read_ply(data / "scenes" / s / "point_cloud.ply").to(dev)
+        geom = B.render_geometry(scene, [cams[names.index(v)] for v in views[s]])
+        meters[s] = B.ConsistencyMeter(geom, gt[s], consistency_depth_tol)
+        print(f"{s}: {len(meters[s].pairs)} co-visible view pairs, {100 * meters[s].covisible_fraction():.0f}% of pixels; "
+              f"ground-truth warp error {np.nanmean(meters[s].gt_error):.4f}")
+
+rows = []
+
+
+def add_rows(method, s, codec, rate, ims, ms, nbytes, ply_bytes):
+    sc = image_metrics(np.stack(ims), np.stack(gt[s]), active)
+    mv = meters[s].errors(ims) if consistency else np.full(len(ims), np.nan)
+    for i, v in enumerate(views[s]):
+        rows.append({"method": method, "codec": codec, "rate": rate, "scene": s, "view": v, "bytes": nbytes,
+                     "size_mb": nbytes / 1e6, "size_mib": nbytes / 2**20, "ratio": ply_bytes / nbytes,
+                     **{m: float(sc[m][i]) for m in active}, "mv_consistency": float(mv[i]),
+                     "ms_per_image": ms[i], "device": str(dev)})
+
+
+for s in eval_scenes:
+    add_rows("3dgs", s, "uncompressed", "uncompressed", unc[s], [float("nan")] * len(unc[s]), records[s]["ply_bytes"], records[s]["ply_bytes"])
+for (m, s, codec, rate), (ims, ms) in progress(list(outputs.items()), desc="metrics"):
+    i = next(i for i in inputs if (i["scene"], i["codec"], i["rate"]) == (s, codec, rate))
+    add_rows(m, s, codec, rate, ims, ms, i["bytes"], i["ply_bytes"])
+df = pd.DataFrame(rows)
+order = {m: n for n, m in enumerate(B.METHOD_ORDER)}
+df = df.sort_values(["codec", "rate", "method", "scene", "view"], key=lambda c: c.map(order).fillna(99) if c.name == "method" else c)
+df.to_csv(csv_path, index=False)
+print(f"{len(df)} rows -> {csv_path.relative_to(repo_path())}")
+
+# %% [markdown]
+# ## Means per method and rate
+
+# %%
+value_cols = ["size_mb", "ratio", *active, "mv_consistency", "ms_per_image"]
+means = df.groupby(["codec", "rate", "method"], sort=False)[value_cols].mean()
+with pd.option_context("display.width", 200, "display.precision", 4):
+    print(means.to_string())
+
+# %% [markdown]
+# ## What the consistency score catches
+# One view pair of the first evaluation scene: the absolute colour difference between view $i$ and view
+# $j$ warped into $i$, on co-visible pixels (black: not co-visible). Ground truth differs only where
+# appearance is view-dependent or resampled; the compressed render keeps the scene's 3D structure, so its
+# errors are consistent; a restorer that paints detail independently per view adds error that no 3D scene
+# explains. The score divides each method's mean error by ground truth's.
+
+# %%
+if consistency and meters[eval_scenes[0]].pairs:
+    s = eval_scenes[0]
+    (i, j), (grid, valid) = next(iter(meters[s].pairs.items()))
+    rate = sorted({k[3] for k in outputs if k[1] == s and k[2] == B.OUR_CODEC})[0]
+    shown = [("ground truth", gt[s])] + [(m, outputs[(m, s, B.OUR_CODEC, rate)][0]) for m in ["compressed", *methods]
+                                         if (m, s, B.OUR_CODEC, rate) in outputs]
+    fig, axes = plt.subplots(2, len(shown), figsize=(2.2 * len(shown), 4.6), squeeze=False)
+    for c, (name, ims) in enumerate(shown):
+        a, b = B._chw(ims[i]), B._chw(ims[j])
+        warped = torch.nn.functional.grid_sample(b[None], grid, align_corners=False)[0]
+        err = (a - warped).abs().mean(0) * valid
+        axes[0, c].imshow(ims[i]), axes[0, c].set_title(f"{name}\nview {views[s][i]}", fontsize=7)
+        axes[1, c].imshow(err, cmap="magma", vmin=0, vmax=0.25)
+        axes[1, c].set_title(f"|view i - warp(view j)|\nmean {float(err[valid].mean()):.4f}", fontsize=7)
+        for ax in axes[:, c]:
+            ax.axis("off")
+    fig.suptitle(f"{profile}: {s}, {rate}, views {views[s][i]} <- {views[s][j]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(fig_path, dpi=110)
+    plt.show()
+else:
+    fig = plt.figure(figsize=(3, 1)); fig.text(0.1, 0.5, "consistency disabled or no co-visible pairs"); fig.savefig(fig_path)
+
+# %% [markdown]
+# ## Targets (`cpu` profile), printed with pass/fail
+# - NiFi has the best ST-LPIPS of all other restorers at every rate (its no-TSD ablation aside);
+# - NiFi improves ST-LPIPS over `compressed` by at least 30% (relative) at every rate;
+# - `nifi_wo_t0` is worse than `nifi` at every rate;
+# - NiFi's restore time per image beside img2img's at K steps.
+
+# %%
+ours = means.loc[B.OUR_CODEC]
+rates = sorted({r for r, _ in ours.index})
+key = "stlpips_alex"
+checks, lines = {}, []
+if "nifi" in methods:
+    others = [m for m in ours.index.get_level_values("method").unique() if m not in ("nifi", "nifi_no_tsd", "3dgs", "compressed")]
+    for r in rates:
+        n = ours.loc[(r, "nifi"), key]
+        best_other = min((ours.loc[(r, m), key], m) for m in others) if others else (np.inf, "-")
+        checks[f"nifi_best_{key}_{r}"] = bool(n < best_other[0])
+        lines.append(f"{r}: nifi {n:.4f} vs best other restorer {best_other[1]} {best_other[0]:.4f}")
+        c = ours.loc[(r, "compressed"), key]
+        checks[f"nifi_improves_{key}_30pct_{r}"] = bool((c - n) / c >= 0.30)
+        lines.append(f"{r}: improvement over compressed {100 * (c - n) / c:.1f}% (target >= 30%)")
+        if "nifi_wo_t0" in methods:
+            checks[f"nifi_wo_t0_worse_{r}"] = bool(ours.loc[(r, "nifi_wo_t0"), key] > n)
+timing = {m: float(df[(df.method == m) & (df.codec == B.OUR_CODEC)].ms_per_image.mean()) for m in ["bm3d", "img2img", *B.NIFI_VARIANTS] if m in methods}
+print("\n".join(lines))
+for k, v in checks.items():
+    print(f"{'PASS' if v else 'FAIL'}  {k}")
+print("ms per image: " + ", ".join(f"{m} {t:.1f}" for m, t in timing.items()) + f"  (img2img: K = {img2img_steps})")
+
+# %% [markdown]
+# ## Report (`metrics.json`, shown by `dvc metrics show`)
+
+# %%
+import importlib.metadata as md  # noqa: E402
+
+nested = {}
+for (codec, rate, m), row in means.iterrows():
+    nested.setdefault(m, {}).setdefault(rate if codec in (B.OUR_CODEC, "uncompressed") else f"{codec}_{rate}", {}).update(
+        {c: (None if pd.isna(v) else round(float(v), 6)) for c, v in row.items()})
+report = {"means": nested, "checks": checks, "ms_per_image": timing, "img2img_steps": img2img_steps,
+          "img2img_guidance": img2img_guidance, "methods": ["3dgs", "compressed", *methods] + [f"external_{e['name']}" for e in external_restorers],
+          "metric_backends": {m: METRIC_BACKENDS[m] for m in active} | {
+              "mv_consistency": "nifi_utils.benchmark.ConsistencyMeter: mean |view i - warp(view j)| on co-visible pixels "
+                                f"(uncompressed depth, depth tol {consistency_depth_tol}), divided by the same on ground truth"},
+          "metrics_skipped": {m: "torchvision ImageNet weights not in the torch hub cache" for m in skipped},
+          "n_views": int(df[df.method == "compressed"].shape[0]), "eval_scenes": eval_scenes,
+          "seconds": round(time.time() - t_start, 1),
+          "provenance": provenance(profile, seed, dev, bm3d_version=md.version("bm3d"))}
+metrics_path.write_text(json.dumps(report, indent=1))
+print(f"stage time {time.time() - t_start:.0f} s")
