@@ -488,11 +488,14 @@ def colmap_cameras(colmap_dir: str | Path, images_subdir: str = "images") -> Cam
 
 
 def import_colmap_scene(name: str, colmap_dir: str | Path, ply: str | Path, out_dir: str | Path,
-                        images_subdir: str = "images", max_width: int = 1600) -> Path:
+                        images_subdir: str = "images", max_width: int = 1600, split: str = "eval") -> Path:
     """Copy a real scene into the pipeline layout: the trained 3DGS `.ply`, transforms.json and GT images
-    (downscaled to `max_width` as in HAC++/Scaffold-GS)."""
+    (downscaled to `max_width` as in HAC++/Scaffold-GS). `split`: "train" (a DL3DV-like scene whose pairs
+    train the restorer) or "eval" (a benchmark scene)."""
     from PIL import Image
 
+    if split not in ("train", "eval"):
+        raise NifiError(f"scene {name}: split must be 'train' or 'eval', got {split!r}")
     for p, what in ((colmap_dir, "COLMAP dataset folder"), (ply, "trained 3DGS point_cloud.ply")):
         if not p or not Path(p).exists():
             raise NifiError(f"scene {name}: {what} not found: {p!r} (set it in params.yaml, scenes.paper.datasets)")
@@ -514,7 +517,7 @@ def import_colmap_scene(name: str, colmap_dir: str | Path, ply: str | Path, out_
         resized.append(cam)
     cs = CameraSet(resized, [f"images/{Path(fp).stem}.png" for fp in cams.file_paths])
     train, test = split_indices(len(cs))
-    write_transforms(cs, out / "transforms.json", extra={"name": name, "split": "eval", "source": "colmap",
+    write_transforms(cs, out / "transforms.json", extra={"name": name, "split": split, "source": "colmap",
                                                          "n_gaussians": len(scene), "train_ids": train, "test_ids": test})
     return out
 

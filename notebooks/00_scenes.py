@@ -77,9 +77,10 @@ elif source == "colmap":
     if not datasets:
         raise ValueError("scenes.paper.datasets is empty: list your COLMAP scenes in params.yaml (see README)")
     for d in progress(datasets, desc="scenes"):
-        folder = import_colmap_scene(d["name"], d["colmap_dir"], d["ply"], out_root / d["name"], d.get("images", "images"), width)
+        folder = import_colmap_scene(d["name"], d["colmap_dir"], d["ply"], out_root / d["name"], d.get("images", "images"),
+                                     width, d.get("split", "eval"))
         meta = json.loads((folder / "transforms.json").read_text())
-        records.append({"name": d["name"], "split": "eval", "source": "colmap", "n_gaussians": meta["n_gaussians"],
+        records.append({"name": d["name"], "split": meta["split"], "source": "colmap", "n_gaussians": meta["n_gaussians"],
                         "n_views": len(meta["frames"]), "ply_bytes": (folder / "point_cloud.ply").stat().st_size})
 else:
     raise ValueError(f"unknown scenes source {source!r}: use 'procedural' or 'colmap'")

@@ -108,8 +108,8 @@ print(f"codec done in {time.time() - t_start:.0f} s")
 # ## External codecs (optional)
 # Renders of the test views from another codec (e.g. HAC++ at λ = 0.1/0.5/1.0, as in the paper) are
 # copied next to ours and scored the same way, with the bitstream size the user states. Each entry:
-# `{name, scene, rate, folder, bytes}`; `folder` holds one PNG per test view, named like the
-# test views in `data/<profile>/renders/<scene>/gt/`.
+# `{name, scene, rate, folder, bytes}` or `{..., bitstreams}` (the codec's output file or folder, whose size
+# is the rate); `folder` holds one PNG per test view, named like the test views in `data/<profile>/renders/<scene>/gt/`.
 
 # %%
 external = []
@@ -118,7 +118,11 @@ for e in external_codecs:
     gt_dir = data_root / "renders" / e["scene"] / "gt"
     assert gt_dir.is_dir(), f"external codec {e['name']}: scene {e['scene']!r} is not a scene of this profile"
     assert src.is_dir(), f"external codec {e['name']}: folder {src} not found"
-    assert int(e["bytes"]) > 0, f"external codec {e['name']}: bytes must be the positive bitstream size"
+    if e.get("bitstreams"):  # the codec's own output (a file, or a folder such as HAC++'s bitstreams/): its size is the rate
+        bs = repo_path(e["bitstreams"])
+        assert bs.exists(), f"external codec {e['name']}: bitstreams {bs} not found"
+        e = {**e, "bytes": bs.stat().st_size if bs.is_file() else sum(f.stat().st_size for f in bs.rglob("*") if f.is_file())}
+    assert int(e.get("bytes", 0)) > 0, f"external codec {e['name']}: give `bytes` (the bitstream size) or `bitstreams` (its path)"
     dst = data_root / "renders" / e["scene"] / f"external_{e['name']}_{e['rate']}"
     dst.mkdir(parents=True, exist_ok=True)
     ps, ls = [], []
