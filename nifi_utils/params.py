@@ -12,11 +12,19 @@ from .common import NifiError, repo_path
 PROFILES = ("cpu", "tiny", "paper")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `5e-06` (no dot) is a string; DVC reads YAML 1.2, where it is a float."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
 def load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise NifiError(f"{path} not found (run from a checkout of the NiFi lab)")
     with open(path) as f:
-        return yaml.safe_load(f) or {}
+        return yaml.load(f, Loader=_Loader) or {}
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:

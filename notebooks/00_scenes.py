@@ -90,7 +90,7 @@ else:
 # Evaluation scenes must never share a layout with training scenes.
 
 # %%
-train_layouts = {r.get("layout_id") for r in records if r["split"] == "train"}
+train_layouts = {r["layout_id"] for r in records if r["split"] == "train" and "layout_id" in r}  # procedural only
 assert not any(r.get("layout_id") in train_layouts for r in records if r["split"] == "eval"), "eval layout reused in training"
 assert all(r["ply_bytes"] > 0 and r["n_views"] > 0 for r in records), "empty scene"
 seconds = time.time() - t_start

@@ -98,13 +98,22 @@ if source == "sd3":
     missing = [s for s in ("vae/config.json", "transformer/config.json", "scheduler/scheduler_config.json")
                if not (base / s).is_file()]
     assert not missing, f"SD3 folder {base} lacks {missing}: download stabilityai/stable-diffusion-3-medium-diffusers by hand"
-    pe, pp = load_embeddings(sd3_embeddings)
     tcfg = json.loads((base / "transformer" / "config.json").read_text())
-    assert pe.shape[-1] == tcfg["joint_attention_dim"] and pp.shape[-1] == tcfg["pooled_projection_dim"], "embeddings do not fit SD3"
+    # distill and benchmark load <sd3_dir>/embeddings/{default,null}.npz (the null prompt: CFG): check them now,
+    # before hours of synthesis
+    for emb in (sd3_embeddings, base / "embeddings" / "default.npz", base / "embeddings" / "null.npz"):
+        assert Path(emb).is_file(), (f"prompt embeddings {emb} missing: encode NiFi's default prompt and the empty prompt "
+                                     "with SD3's text encoders (keys prompt_embeds, pooled_prompt_embeds; see README)")
+        pe, pp = load_embeddings(emb)
+        assert pe.shape[-1] == tcfg["joint_attention_dim"] and pp.shape[-1] == tcfg["pooled_projection_dim"], f"{emb} does not fit SD3"
+    pe, pp = load_embeddings(sd3_embeddings)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "source.json").write_text(json.dumps({"sd3_dir": str(base), "embeddings": str(sd3_embeddings)}, indent=1))
     report_path.write_text(json.dumps({"source": "sd3", "sd3_dir": str(base), "prompt_embeds": list(pe.shape),
                                        "provenance": provenance(profile, seed, "cpu")}, indent=1))
+    fig = plt.figure(figsize=(6, 1.0))  # the stage's figure output exists in every profile (DVC checks it)
+    fig.text(0.02, 0.5, f"SD3 prior: {base}\nprompt_embeds {tuple(pe.shape)}, pooled {tuple(pp.shape)}", fontsize=8, va="center")
+    fig.savefig(fig_path, dpi=110)
     print("SD3 folder and embeddings look complete")
 
 # %% [markdown]

@@ -88,7 +88,8 @@ print(f"{len(pairs.lq)} training pairs from {len({m[0] for m in pairs.meta})} sc
 
 # %%
 held = []
-for f in sorted(repo_path("data", profile, "renders").glob("train_*/level*/*.png")):
+train_scenes = sorted({m[0] for m in pairs.meta})  # the training split, whatever the scenes are called
+for f in sorted(f for s in train_scenes for f in repo_path("data", profile, "renders", s).glob("level*/*.png")):
     held.append((int(f.parent.name[5:]), np.asarray(Image.open(f).convert("RGB")),
                  np.asarray(Image.open(f.parent.parent / "gt" / f.name).convert("RGB"))))
 levels = sorted({h[0] for h in held})
