@@ -216,8 +216,9 @@ def test_dvc_profile_switch_and_noop_second_repro(tmp_path):
                            text=True, check=True).stdout.split()
     work = tmp_path / "lab"
     for f in files:
-        # data/ and reports/ are pipeline outputs; the frozen prior's committed outputs are inputs here
-        if (REPO_ROOT / f).is_file() and (not f.startswith(("data/", "reports/")) or "prior" in f):
+        # data/<profile>/ and reports/<profile>/ are pipeline outputs; the frozen prior's committed outputs and
+        # data files beside the profiles (data/paper_table1.csv) are inputs here
+        if (REPO_ROOT / f).is_file() and (not re.match(r"(data|reports)/[^/]+/", f) or "prior" in f):
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO_ROOT / f, work / f)
     env = _env()
