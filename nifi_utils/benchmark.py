@@ -117,7 +117,7 @@ class ConsistencyMeter:
         """Per view: mean warp error over its co-visible partner views (NaN where it has none)."""
         if len(images) != self.n:
             raise NifiError(f"consistency needs {self.n} views, got {len(images)}")
-        ims = [_chw(im) for im in images]
+        ims = [as_chw(im) for im in images]
         out = np.full(self.n, np.nan)
         for i in range(self.n):
             e = [warp_error(ims[i], ims[j], *self.pairs[(i, j)]) for j in range(self.n) if (i, j) in self.pairs]
@@ -126,7 +126,8 @@ class ConsistencyMeter:
         return out / self.gt_error if relative else out
 
 
-def _chw(img) -> torch.Tensor:
+def as_chw(img) -> torch.Tensor:
+    """uint8/float HxWx3, [3,H,W] or [1,3,H,W] -> float [3,H,W] (uint8 scaled to [0,1])."""
     t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.asarray(img))
     if t.dtype == torch.uint8:
         t = t.float() / 255.0
@@ -138,7 +139,7 @@ def _chw(img) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- inputs
-def test_views(renders_dir: Path) -> list[str]:
+def list_test_views(renders_dir: Path) -> list[str]:
     """The test-view file names of a scene (its ground-truth folder)."""
     views = sorted(p.name for p in (renders_dir / "gt").glob("*.png"))
     if not views:
@@ -158,7 +159,7 @@ def save_rgb(img, path: Path) -> np.ndarray:
     """Write an image in [0,1] (HxWx3 or [3,H,W]) as 8-bit PNG; returns what was written, which is what is scored."""
     from PIL import Image
 
-    t = _chw(img)
+    t = as_chw(img)
     u8 = (t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(u8).save(path)

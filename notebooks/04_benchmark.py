@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 
 from nifi_utils import benchmark as B
+from nifi_utils.cameras import read_transforms
 from nifi_utils.common import pick_device, progress, provenance, repo_path, seed_everything
 from nifi_utils.gaussians import read_ply
 from nifi_utils.metrics import LOWER_IS_BETTER, METRIC_BACKENDS, image_metrics, metric_available
@@ -122,7 +123,7 @@ for s in eval_scenes:
         if e["scene"] == s:
             inputs.append({"scene": s, "codec": e["name"], "rate": e["rate"], "bytes": e["bytes"],
                            "folder": data / e["folder"], "ply_bytes": rec["ply_bytes"]})
-views = {s: B.test_views(data / "renders" / s)[: (max_views or None)] for s in eval_scenes}
+views = {s: B.list_test_views(data / "renders" / s)[: (max_views or None)] for s in eval_scenes}
 gt = {s: [B.load_rgb(data / "renders" / s / "gt" / v) for v in views[s]] for s in eval_scenes}
 lq = {(i["scene"], i["codec"], i["rate"]): [B.load_rgb(i["folder"] / v) for v in views[i["scene"]]] for i in inputs}
 active = [m for m in metrics if metric_available(m)]
@@ -204,8 +205,6 @@ meters, unc = {}, {}
 for s in eval_scenes:
     meta = scene_meta[s]
     names = [os.path.splitext(os.path.basename(f["file_path"]))[0] + ".png" for f in meta["frames"]]
-    from nifi_utils.cameras import read_transforms  # noqa: E402
-
     cams = read_transforms(data / "scenes" / s / "transforms.json")
     unc[s] = [B.load_rgb(data / "renders" / s / "uncompressed" / v) for v in views[s]]
     if consistency:
@@ -265,7 +264,7 @@ if consistency and meters[eval_scenes[0]].pairs:
                                          if (m, s, B.OUR_CODEC, rate) in outputs]
     fig, axes = plt.subplots(2, len(shown), figsize=(2.2 * len(shown), 4.6), squeeze=False)
     for c, (name, ims) in enumerate(shown):
-        a, b = B._chw(ims[i]), B._chw(ims[j])
+        a, b = B.as_chw(ims[i]), B.as_chw(ims[j])
         warped = torch.nn.functional.grid_sample(b[None], grid, align_corners=False)[0]
         err = (a - warped).abs().mean(0) * valid
         axes[0, c].imshow(ims[i]), axes[0, c].set_title(f"{name}\nview {views[s][i]}", fontsize=7)
