@@ -19,15 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .bm3d_baseline import bm3d_many, bm3d_restore, estimate_noise_sigma  # noqa: F401  (re-exported)
 from .cameras import Camera
 from .common import NifiError
+from .metrics import to_bchw
 
 METHOD_ORDER = ["3dgs", "compressed", "bm3d", "img2img", "nifi_wo_t0", "nifi_no_tsd", "nifi"]
 NIFI_VARIANTS = ("nifi", "nifi_wo_t0", "nifi_no_tsd")
 OUR_CODEC = "nifi3dgs"
 
-
-from .bm3d_baseline import bm3d_many, bm3d_restore, estimate_noise_sigma  # noqa: E402,F401  (re-exported)
 
 
 # ---------------------------------------------------------------------- multi-view consistency
@@ -128,14 +128,7 @@ class ConsistencyMeter:
 
 def as_chw(img) -> torch.Tensor:
     """uint8/float HxWx3, [3,H,W] or [1,3,H,W] -> float [3,H,W] (uint8 scaled to [0,1])."""
-    t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.asarray(img))
-    if t.dtype == torch.uint8:
-        t = t.float() / 255.0
-    if t.ndim == 4:
-        t = t[0]
-    if t.shape[0] != 3 and t.shape[-1] == 3:
-        t = t.permute(2, 0, 1)
-    return t.float()
+    return to_bchw(img)[0]
 
 
 # ---------------------------------------------------------------------- inputs
@@ -176,9 +169,9 @@ def external_restorer_images(entry: dict, views: list[str], shape: tuple) -> lis
         raise NifiError(f"external restorer {entry['name']}: folder {folder} not found")
     out = []
     for v in views:
-        im = load_rgb(folder / v) if (folder / v).is_file() else None
-        if im is None:
+        if not (folder / v).is_file():
             raise NifiError(f"external restorer {entry['name']}: {folder / v} missing (one PNG per test view)")
+        im = load_rgb(folder / v)
         if im.shape != shape:
             raise NifiError(f"external restorer {entry['name']}: {v} is {im.shape}, the test view is {shape}")
         out.append(im)

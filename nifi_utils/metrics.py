@@ -17,22 +17,30 @@ from .common import NifiError
 
 
 def to_bchw(img) -> torch.Tensor:
-    """uint8 or float HxWx3, BxHxWx3 or BxCxHxW -> float BxCxHxW (uint8 scaled to [0,1])."""
+    """uint8 or float HxWx3, 3xHxW, BxHxWx3 or BxCxHxW -> float BxCxHxW (uint8 scaled to [0,1])."""
     t = img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img))
     if t.dtype == torch.uint8:
         t = t.float() / 255.0
-    if t.ndim == 3:
+    if t.ndim == 3 and t.shape[0] == 3 and t.shape[-1] != 3:  # one CxHxW image
+        t = t[None]
+    elif t.ndim == 3:
         t = t[..., :3].permute(2, 0, 1)[None]
     elif t.ndim == 4 and t.shape[1] != 3 and t.shape[-1] == 3:  # a stack of HxWx3 images
         t = t.permute(0, 3, 1, 2)
     return t.float()
 
 
-def psnr(pred, gt) -> float:
-    """PSNR in dB of images in [0, 1] (uint8 inputs are scaled)."""
+def _pair(pred, gt, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images as BxCxHxW; a metric of images of different shapes is a mistake, never a broadcast."""
     p, g = to_bchw(pred), to_bchw(gt)
     if p.shape != g.shape:
-        raise NifiError(f"PSNR of images of different shapes {tuple(p.shape)} and {tuple(g.shape)}")
+        raise NifiError(f"{what} of images of different shapes {tuple(p.shape)} and {tuple(g.shape)}")
+    return p, g.to(p.device)
+
+
+def psnr(pred, gt) -> float:
+    """PSNR in dB of images in [0, 1] (uint8 inputs are scaled)."""
+    p, g = _pair(pred, gt, "PSNR")
     mse = float(((p - g) ** 2).mean())
     return float("inf") if mse == 0 else -10.0 * np.log10(mse)
 
@@ -67,25 +75,28 @@ def stlpips_model(net: str = "alex", device: str = "cpu") -> torch.nn.Module:
 
 def stlpips(pred, gt, net: str = "alex") -> torch.Tensor:
     """ST-LPIPS distance per image (lower is better); differentiable w.r.t. `pred`."""
-    p, g = to_bchw(pred), to_bchw(gt)
-    if p.shape != g.shape:
-        raise NifiError(f"ST-LPIPS of images of different shapes {tuple(p.shape)} and {tuple(g.shape)}")
-    model = stlpips_model(net, str(p.device))
-    return model(p, g.to(p.device), normalize=True).reshape(-1)
+    p, g = _pair(pred, gt, "ST-LPIPS")
+    return stlpips_model(net, str(p.device))(p, g, normalize=True).reshape(-1)
 
 
 TORCHVISION_WEIGHTS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
+def _backbone_cached(net: str) -> bool:
+    """torchvision importable and its ImageNet `net` weights already in the torch hub cache (never downloaded)."""
+    import importlib.util
+    import os
+
+    return (importlib.util.find_spec("torchvision") is not None
+            and os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_WEIGHTS[net])))
 
 
 def lpips_available(net: str = "alex") -> bool:
     """Real LPIPS needs torchvision and its ImageNet backbone already in the torch hub cache: we never
     download (lpips would fetch the backbone on first use)."""
     import importlib.util
-    import os
 
-    if importlib.util.find_spec("torchvision") is None or importlib.util.find_spec("lpips") is None:
-        return False
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_WEIGHTS[net]))
+    return importlib.util.find_spec("lpips") is not None and _backbone_cached(net)
 
 
 @functools.lru_cache(maxsize=4)
@@ -100,8 +111,8 @@ def lpips_model(net: str = "alex", device: str = "cpu") -> torch.nn.Module:
 
 def lpips(pred, gt, net: str = "alex") -> torch.Tensor:
     """LPIPS (Zhang et al.) per image; only where `lpips_available(net)`."""
-    p, g = to_bchw(pred), to_bchw(gt)
-    return lpips_model(net, str(p.device))(p, g.to(p.device), normalize=True).reshape(-1)
+    p, g = _pair(pred, gt, "LPIPS")
+    return lpips_model(net, str(p.device))(p, g, normalize=True).reshape(-1)
 
 
 METRIC_BACKENDS = {
@@ -117,20 +128,13 @@ def ssim(pred, gt) -> torch.Tensor:
     """SSIM per image (torchmetrics, Gaussian window 11, sigma 1.5; higher is better)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    p, g = to_bchw(pred), to_bchw(gt)
-    if p.shape != g.shape:
-        raise NifiError(f"SSIM of images of different shapes {tuple(p.shape)} and {tuple(g.shape)}")
-    return structural_similarity_index_measure(p, g.to(p.device), data_range=1.0, reduction="none").reshape(-1)
+    p, g = _pair(pred, gt, "SSIM")
+    return structural_similarity_index_measure(p, g, data_range=1.0, reduction="none").reshape(-1)
 
 
 def dists_available() -> bool:
     """DISTS (torchmetrics) needs torchvision's ImageNet VGG16 already in the torch hub cache."""
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("torchvision") is None:
-        return False
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_WEIGHTS["vgg"]))
+    return _backbone_cached("vgg")
 
 
 @functools.lru_cache(maxsize=2)
@@ -145,8 +149,8 @@ def dists_model(device: str = "cpu") -> torch.nn.Module:
 
 def dists(pred, gt) -> torch.Tensor:
     """DISTS per image (Ding et al., VGG16 backbone; lower is better); only where `dists_available()`."""
-    p, g = to_bchw(pred), to_bchw(gt)
-    return dists_model(str(p.device))(p, g.to(p.device)).reshape(-1)
+    p, g = _pair(pred, gt, "DISTS")
+    return dists_model(str(p.device))(p, g).reshape(-1)
 
 
 METRIC_BACKENDS.update({
@@ -170,9 +174,7 @@ def metric_available(name: str) -> bool:
 
 def image_metrics(pred, gt, names: list[str]) -> dict[str, np.ndarray]:
     """Every metric in `names` per image of a batch, as numpy arrays."""
-    p, g = to_bchw(pred), to_bchw(gt)
-    if p.shape != g.shape:
-        raise NifiError(f"metrics of images of different shapes {tuple(p.shape)} and {tuple(g.shape)}")
+    p, g = _pair(pred, gt, "metrics")
     out = {}
     with torch.no_grad():
         for n in names:

@@ -40,9 +40,12 @@ device = "auto"
 external_restorers = []
 
 # %%
+import hashlib
+import importlib.metadata as md
 import json
 import os
 import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -53,7 +56,7 @@ from nifi_utils import benchmark as B
 from nifi_utils.cameras import read_transforms
 from nifi_utils.common import pick_device, progress, provenance, repo_path, seed_everything
 from nifi_utils.gaussians import read_ply
-from nifi_utils.metrics import LOWER_IS_BETTER, METRIC_BACKENDS, image_metrics, metric_available
+from nifi_utils.metrics import METRIC_BACKENDS, image_metrics, metric_available
 from nifi_utils.restorer import Restorer
 from nifi_utils.scenes import EVAL_PHOTOS, TRAIN_PHOTOS
 
@@ -84,10 +87,6 @@ print(f"device {dev}; evaluation scenes: {eval_scenes}")
 # evaluation ground-truth image is byte-identical to a training image.
 
 # %%
-import hashlib  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
 assert not set(EVAL_PHOTOS) & set(TRAIN_PHOTOS), "evaluation and training photographs overlap"
 pair_scenes = sorted(p.name for p in (data / "pairs").iterdir() if p.is_dir())
 assert all(scene_meta[s].get("split") == "train" for s in pair_scenes), "a distillation pair comes from a non-training scene"
@@ -98,7 +97,7 @@ assert all((scene_meta[s].get("seed"), scene_meta[s].get("layout_id")) not in tr
 
 
 def digest(p):
-    return hashlib.sha1(np.asarray(Image.open(p).convert("RGB")).tobytes()).hexdigest()
+    return hashlib.sha1(B.load_rgb(p).tobytes()).hexdigest()
 
 
 train_hashes = {digest(p) for p in (data / "pairs").glob("*/clean/*.png")}
@@ -203,9 +202,8 @@ print(f"methods done in {time.time() - t_start:.0f} s")
 # %%
 meters, unc = {}, {}
 for s in eval_scenes:
-    meta = scene_meta[s]
-    names = [os.path.splitext(os.path.basename(f["file_path"]))[0] + ".png" for f in meta["frames"]]
     cams = read_transforms(data / "scenes" / s / "transforms.json")
+    names = [Path(p).stem + ".png" for p in cams.file_paths]  # the synthesis stage names renders this way
     unc[s] = [B.load_rgb(data / "renders" / s / "uncompressed" / v) for v in views[s]]
     if consistency:
         scene = read_ply(data / "scenes" / s / "point_cloud.ply").to(dev)
@@ -330,8 +328,6 @@ else:
 # ## Report (`metrics.json`, shown by `dvc metrics show`)
 
 # %%
-import importlib.metadata as md  # noqa: E402
-
 nested = {}
 for (codec, rate, m), row in means.iterrows():
     nested.setdefault(m, {}).setdefault(rate if codec in (B.OUR_CODEC, "uncompressed") else f"{codec}_{rate}", {}).update(
