@@ -56,8 +56,8 @@ def tiny_sd3(cfg: TinySD3Config | None = None, seed: int = 0) -> Restorer:
         pos_embed_max_size=cfg.pos_embed_max_size)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
     g = torch.Generator().manual_seed(seed + 1)
-    pe = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
-    pp = torch.randn(1, cfg.pooled_dim, generator=g)
+    pe = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device="cpu")  # CPU draw: same on every device
+    pp = torch.randn(1, cfg.pooled_dim, generator=g, device="cpu")
     return Restorer(vae, transformer, scheduler, pe, pp, torch.zeros_like(pe), torch.zeros_like(pp))
 
 
