@@ -7,6 +7,10 @@ procedural textures; never an evaluation scene or photograph):
    linear latent, fitted in a second), then its residual refinement trained with L1 + ST-LPIPS;
 2. `SD3Transformer2DModel`: rectified flow on the scheduler's shifted sigmas (logit-normal in
    unshifted time, as SD3), v-target eps - x, prompt dropout to the null embeddings so CFG works.
+   A share `low_sigma_frac` of every batch is drawn uniformly in [0, low_sigma_max] instead: the
+   shifted logit-normal puts ~1 % of its samples below sigma 0.25, yet NiFi's t0 (sigma 0.198), the
+   img2img baseline and the restorer's one step all live there (SD3's paper treats the timestep
+   density as a free design choice; this is a mixture of two of them).
 Colour augmentation (channel permutation, per-channel gain, flips) from the first step.
 """
 from __future__ import annotations
@@ -51,6 +55,8 @@ class PriorConfig:
     augment_copies: int = 4
     prompt_dropout: float = 0.1
     shift: float = 3.0
+    low_sigma_frac: float = 0.0  # share of each batch drawn uniformly in [0, low_sigma_max] (NiFi's t0 region)
+    low_sigma_max: float = 0.3
     n_textures: int = 64
     pos_embed_max_size: int = 128  # in patches; the buffer is saved with the model (128: 4 MB at width 128)
 
@@ -169,9 +175,19 @@ def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def training_sigmas(cfg: PriorConfig, g: torch.Generator) -> torch.Tensor:
+    """A batch of training sigmas: the shifted logit-normal, mixed with U(0, low_sigma_max)."""
+    sig = shifted_sigmas(torch.sigmoid(torch.randn(cfg.dit_batch, generator=g)), cfg.shift)
+    if cfg.low_sigma_frac > 0:
+        low = torch.rand(cfg.dit_batch, generator=g) < cfg.low_sigma_frac
+        sig = torch.where(low, cfg.low_sigma_max * torch.rand(cfg.dit_batch, generator=g), sig)
+    return sig
+
+
 def train_transformer(restorer, latents: torch.Tensor, cfg: PriorConfig, seed: int, log: list,
                       time_budget_s: float | None = None):
-    """Rectified flow: x_t = (1 - s) x + s eps, v = eps - x, s = shift(sigmoid(N(0,1)))."""
+    """Rectified flow: x_t = (1 - s) x + s eps, v = eps - x, s = shift(sigmoid(N(0,1))), or with
+    probability `low_sigma_frac` s ~ U(0, low_sigma_max)."""
     g = torch.Generator().manual_seed(seed + 7)
     tr = restorer.transformer
     tr.train()
@@ -182,7 +198,7 @@ def train_transformer(restorer, latents: torch.Tensor, cfg: PriorConfig, seed: i
         idx = torch.randint(len(latents), (cfg.dit_batch,), generator=g)
         x = latents[idx]
         eps = torch.randn(x.shape, generator=g)
-        sig = shifted_sigmas(torch.sigmoid(torch.randn(cfg.dit_batch, generator=g)), cfg.shift)
+        sig = training_sigmas(cfg, g)
         x_t = (1 - sig[:, None, None, None]) * x + sig[:, None, None, None] * eps
         drop = torch.rand(cfg.dit_batch, generator=g) < cfg.prompt_dropout
         pe = torch.where(drop[:, None, None], restorer.null_embeds, restorer.prompt_embeds).expand(cfg.dit_batch, -1, -1)

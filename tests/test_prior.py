@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from nifi_utils.models import patch_autoencoder_class, save_prior
-from nifi_utils.prior import PriorConfig, augment, build_prior, fit_patch_pca, shifted_sigmas
+from nifi_utils.prior import PriorConfig, augment, build_prior, fit_patch_pca, shifted_sigmas, training_sigmas
 from nifi_utils.restorer import Restorer, vae_lora_targets
 
 
@@ -76,3 +76,15 @@ def test_augmentation_and_sigma_shift():
     u = torch.linspace(0, 1, 11)
     s = shifted_sigmas(u, 3.0)
     assert s[0] == 0 and s[-1] == 1 and torch.all(s >= u)  # the shift moves mass to high noise
+
+
+def test_training_sigmas_mix_the_shifted_logit_normal_with_the_low_noise_range():
+    def draw(frac):
+        cfg = PriorConfig(dit_batch=4000, low_sigma_frac=frac, low_sigma_max=0.3)
+        return training_sigmas(cfg, torch.Generator().manual_seed(0))
+
+    plain, mixed, low = draw(0.0), draw(0.5), draw(1.0)
+    assert torch.equal(plain, shifted_sigmas(torch.sigmoid(torch.randn(4000, generator=torch.Generator().manual_seed(0))), 3.0))
+    assert low.min() >= 0 and low.max() <= 0.3 and low.std() > 0.05  # spread over the range, not a constant
+    below = [float((s < 0.25).float().mean()) for s in (plain, mixed, low)]
+    assert below[0] < 0.05 and 0.35 < below[1] < 0.5 and below[2] > 0.8  # the mixture puts its share where t0 is
