@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nifi_utils.metrics import psnr  # noqa: E402
 from nifi_utils.prior import encode_latents, to_pm1, training_images  # noqa: E402
 from nifi_utils.restorer import Restorer  # noqa: E402
 
@@ -52,10 +54,10 @@ size = tuple(held.shape[-2:])
 
 
 def psnr_mean(z):
+    """Mean per-image PSNR of the decoded latents against the clean held-out images (the prior gate's measure)."""
     with torch.no_grad():
-        y = (prior.decode(z, size).clamp(-1, 1) * 0.5 + 0.5)
-        mse = ((y - clean) ** 2).mean((1, 2, 3))
-        return float((10 * torch.log10(1 / mse)).mean())
+        y = prior.decode(z, size).clamp(-1, 1) * 0.5 + 0.5
+    return float(np.mean([psnr(a[None], b[None]) for a, b in zip(y, clean)]))
 
 out = {"sigma_t0": s0, "vae_roundtrip": psnr_mean(zh), "noisy": psnr_mean(xth / (1 - s0))}
 with torch.no_grad():
