@@ -79,6 +79,27 @@ def save_embeddings(path: str | Path, prompt_embeds: torch.Tensor, pooled: torch
     return path
 
 
+# `...lora_A.weight` (peft's get_peft_model_state_dict) or `...lora_A.<adapter>.weight` (a model's state_dict())
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<ab>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def _adapter_entries(model, adapter: str) -> dict:
+    """The LoRA entries of one adapter in `model.state_dict()`, detached CPU copies (official keys)."""
+    tag = f".{adapter}."
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if ("lora_A" in k or "lora_B" in k) and tag in k}
+
+
+def _to_model_keys(sd: dict, adapter: str) -> dict:
+    """Checkpoint keys in either form -> the model's state-dict keys for `adapter`; other keys pass through
+    unchanged (and are then reported as unexpected)."""
+    out = {}
+    for k, v in sd.items():
+        m = _LORA_KEY.match(k)
+        out[f"{m['module']}.{m['ab']}.{adapter}.weight" if m else k] = v
+    return out
+
+
 def _missing_model_message(base: Path) -> str:
     return (f"no prior model at {base}: run the pipeline (`make repro` builds data/cpu/prior) or point "
             f"--base-model at an SD3-medium folder in diffusers layout (vae/, transformer/, scheduler/)")
@@ -101,6 +122,16 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted({round(i * (size - tile) / (n - 1)) for i in range(n)})
 
 
+def pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Pad the bottom/right of [B,C,H,W] to multiples of m: mirrored where the image is large enough (the
+    official code's reflect padding), repeated edge pixels where it is not (reflect needs pad < size)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    if not (ph or pw):
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+
+
 class Restorer:
     """VAE + SD3 transformer + flow-matching scheduler, optional LoRA phi- on both, one-step restore."""
 
@@ -109,6 +140,7 @@ class Restorer:
         self.prompt_embeds, self.pooled = prompt_embeds, pooled
         self.null_embeds, self.null_pooled = null_embeds, null_pooled
         self.vae_targets: list[str] = []
+        self.adapter_name = "default"  # the official restorer.py's adapter name
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -193,6 +225,7 @@ class Restorer:
         from peft import LoraConfig
 
         alpha = rank if alpha is None else alpha
+        self.adapter_name = adapter_name
         self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
                                                 target_modules=TRANSFORMER_LORA_TARGETS), adapter_name=adapter_name)
         if vae:
@@ -202,12 +235,12 @@ class Restorer:
         return self
 
     def lora_state_dict(self) -> dict:
-        """The official checkpoint: {'vae': peft state dict, 'transformer': peft state dict}."""
-        from peft import get_peft_model_state_dict
-
-        out = {"transformer": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}}
-        out["vae"] = ({k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.vae).items()}
-                      if self.vae_targets else {})
+        """The official checkpoint: {'vae': ..., 'transformer': ...}, each the LoRA entries of the model's own
+        `state_dict()` (adapter name included: `...to_q.lora_A.default.weight`). The official `restorer.py`
+        adds adapters named 'default' and calls `load_state_dict(ckpt[part], strict=False)`, asserting
+        no unexpected keys: exactly these keys load there."""
+        out = {"transformer": _adapter_entries(self.transformer, self.adapter_name)}
+        out["vae"] = _adapter_entries(self.vae, self.adapter_name) if self.vae_targets else {}
         return out
 
     def save_lora(self, path: str | Path) -> Path:
@@ -217,29 +250,35 @@ class Restorer:
         return path
 
     def load_lora(self, path: str | Path, alpha_over_rank: float = 1.0) -> "Restorer":
-        """Load an official-format checkpoint (weights_only); adapters are created with the checkpoint's
-        rank (alpha = rank, as in the paper, unless `alpha_over_rank` says otherwise)."""
-        from peft import set_peft_model_state_dict
-
+        """Load a restorer checkpoint (weights_only): the official form (model state-dict keys with the adapter
+        name, `...lora_A.default.weight`) or peft's `get_peft_model_state_dict` form (`...lora_A.weight`).
+        Adapters are created with the checkpoint's rank, read from the tensors (alpha = rank, as in the
+        paper, unless `alpha_over_rank` says otherwise)."""
         path = Path(path)
         if not path.is_file():
             raise NifiError(f"checkpoint not found: {path}")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-            raise NifiError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+            why = (str(e).strip().splitlines() or [""])[0][:120]
+            raise NifiError(f"{path}: not a loadable checkpoint ({type(e).__name__}{': ' + why if why else ''})") from None
         if not isinstance(ckpt, dict) or set(ckpt) - {"vae", "transformer"} or "transformer" not in ckpt:
             keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
             raise NifiError(f"{path}: expected a dict with keys 'vae' and 'transformer', got {keys}")
-        ranks = [v.shape[0] for k, v in ckpt["transformer"].items() if k.endswith("lora_A.weight")]
-        if not ranks:
-            raise NifiError(f"{path}: the 'transformer' entry holds no LoRA weights")
-        rank = ranks[0]
-        if not self._has_adapter():
-            self.add_lora(rank=rank, alpha=rank * alpha_over_rank, vae=bool(ckpt.get("vae")))
-        expected = self.lora_state_dict()
         for part in ("transformer", "vae"):
-            got, want = ckpt.get(part, {}), expected[part]
+            got = ckpt.get(part, {})
+            if not isinstance(got, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in got.items()):
+                raise NifiError(f"{path}: the {part!r} entry is not a state dict of tensors")
+        parts = {part: _to_model_keys(ckpt.get(part, {}), self.adapter_name) for part in ("transformer", "vae")}
+        ranks = [v.shape[0] for k, v in parts["transformer"].items() if ".lora_A." in k]
+        if not ranks:
+            raise NifiError(f"{path}: the 'transformer' entry holds no LoRA weights (keys like "
+                            f"'...to_q.lora_A.default.weight')")
+        if not self._has_adapter():
+            self.add_lora(rank=ranks[0], alpha=ranks[0] * alpha_over_rank, vae=bool(parts["vae"]))
+        for part, got in parts.items():
+            model = self.transformer if part == "transformer" else self.vae
+            want = _adapter_entries(model, self.adapter_name) if (part == "transformer" or self.vae_targets) else {}
             unexpected = sorted(set(got) - set(want))
             missing = sorted(set(want) - set(got))
             if unexpected:
@@ -250,10 +289,10 @@ class Restorer:
             bad = [k for k in got if tuple(got[k].shape) != tuple(want[k].shape)]
             if bad:
                 raise NifiError(f"{path}: {part} key {bad[0]} has shape {tuple(got[bad[0]].shape)}, "
-                                f"model expects {tuple(want[bad[0]].shape)}")
+                                f"model expects {tuple(want[bad[0]].shape)} (a checkpoint of another rank or prior?)")
             if got:
-                model = self.transformer if part == "transformer" else self.vae
-                set_peft_model_state_dict(model, {k: v.to(self.dtype) for k, v in got.items()})
+                res = model.load_state_dict(got, strict=False)  # the official loading call
+                assert not res.unexpected_keys, res.unexpected_keys  # checked above
         return self
 
     def _has_adapter(self) -> bool:
@@ -275,10 +314,7 @@ class Restorer:
 
     # ------------------------------------------------------------------ pieces (also used by training)
     def pad_image(self, img: torch.Tensor) -> torch.Tensor:
-        m = self.vae_scale_factor
-        h, w = img.shape[-2:]
-        ph, pw = (-h) % m, (-w) % m
-        return F.pad(img, (0, pw, 0, ph), mode="reflect") if (ph or pw) else img
+        return pad_to_multiple(img, self.vae_scale_factor)
 
     def encode(self, img_pm1: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
         """latent = E(pad(img)).sample() * scaling_factor (mean if not `sample`), reflect-padded to the patch
@@ -289,9 +325,7 @@ class Restorer:
             eps = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z)
             z = z + dist.std * eps
         z = z * self.scaling_factor
-        p = self.transformer.config.patch_size
-        ph, pw = (-z.shape[-2]) % p, (-z.shape[-1]) % p
-        return F.pad(z, (0, pw, 0, ph), mode="reflect") if (ph or pw) else z
+        return pad_to_multiple(z, self.transformer.config.patch_size)
 
     def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         img = self.vae.decode(z / self.scaling_factor).sample

@@ -10,7 +10,7 @@ from PIL import Image
 from nifi_utils.cli import main
 from nifi_utils.common import REPO_ROOT, NifiError
 from nifi_utils.models import save_prior, tiny_sd3
-from nifi_utils.restorer import Restorer, read_image, vae_lora_targets, write_image
+from nifi_utils.restorer import TRANSFORMER_LORA_TARGETS, Restorer, read_image, vae_lora_targets, write_image
 
 
 def _randomize_lora(r, seed=0, std=0.05):
@@ -112,6 +112,102 @@ def test_checkpoint_errors_are_clear(prior, tmp_path):
         Restorer.from_pretrained(base).load_lora(tmp_path / "junk.pt")
     with pytest.raises(NifiError, match="no prior model.*make repro"):
         Restorer.from_pretrained(tmp_path / "nothing")
+
+
+def _official_model(base, rank=4, seed=None):
+    """The prior's models with adapters added the way the official restorer.py does (peft through diffusers'
+    add_adapter, adapter name 'default', the official target lists); LoRA B randomised when `seed` is given."""
+    from peft import LoraConfig
+
+    r = Restorer.from_pretrained(base)
+    r.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                         target_modules=TRANSFORMER_LORA_TARGETS), adapter_name="default")
+    r.vae.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                 target_modules=vae_lora_targets(r.vae)), adapter_name="default")
+    if seed is not None:
+        _randomize_lora(r, seed)
+    return r
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nifi_utils", *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=300)
+
+
+def test_official_checkpoint_restores_through_the_cli(prior, tmp_path):
+    """(a) a checkpoint saved as the official code's models hold it ({part: lora_ keys of state_dict()})."""
+    base, _, _ = prior
+    off = _official_model(base, seed=11)
+    ckpt = {part: {k: v for k, v in m.state_dict().items() if "lora_" in k}
+            for part, m in (("vae", off.vae), ("transformer", off.transformer))}
+    assert any(".lora_A.default." in k for k in ckpt["transformer"]) and ckpt["vae"]
+    torch.save(ckpt, tmp_path / "official.pt")
+    img = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(6))
+    write_image(tmp_path / "lq.png", img)
+    lq, _ = read_image(tmp_path / "lq.png")
+    with torch.no_grad():
+        expect = off.restore(lq, seed=3)
+    assert main(["restore", "--lq", str(tmp_path / "lq.png"), "--out", str(tmp_path / "out.png"), "--base-model",
+                 str(base), "--ckpt", str(tmp_path / "official.pt"), "--seed", "3", "--device", "cpu"]) == 0
+    got = np.asarray(Image.open(tmp_path / "out.png")).astype(np.int16)
+    ref = (expect[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.int16)
+    assert np.abs(got - ref).max() <= 1
+    plain = (Restorer.from_pretrained(base).restore(lq, seed=3)[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.int16)
+    assert np.abs(got - plain).max() > 3  # the LoRA has an effect
+
+
+def test_our_checkpoint_loads_the_official_way(prior):
+    """(b) load_state_dict(ckpt[part], strict=False) with zero unexpected keys and every LoRA entry set."""
+    base, ckpt, r = prior
+    sd = torch.load(ckpt, weights_only=True)
+    off = _official_model(base)
+    for part, m in (("vae", off.vae), ("transformer", off.transformer)):
+        res = m.load_state_dict(sd[part], strict=False)
+        assert len(res.unexpected_keys) == 0
+        assert not [k for k in res.missing_keys if "lora_" in k]
+        mine = r.vae if part == "vae" else r.transformer
+        theirs = dict(m.named_parameters())
+        for k, v in mine.named_parameters():
+            if "lora_" in k:
+                assert torch.equal(theirs[k], v)
+
+
+def test_peft_form_checkpoint_still_loads(prior, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    base, ckpt, r = prior
+    torch.save({"vae": get_peft_model_state_dict(r.vae), "transformer": get_peft_model_state_dict(r.transformer)},
+               tmp_path / "peft.pt")
+    img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    a = Restorer.from_pretrained(base).load_lora(tmp_path / "peft.pt").restore(img, seed=1)
+    b = Restorer.from_pretrained(base).load_lora(ckpt).restore(img, seed=1)
+    assert torch.equal(a, b)
+
+
+def test_bad_checkpoints_and_tiny_images_give_one_line(prior, tmp_path):
+    """(c) one foreign key, a file that is not a checkpoint, another rank: one line, exit 2; a 1x1 image
+    restores to a 1x1 image."""
+    base, ckpt, _ = prior
+    sd = torch.load(ckpt, weights_only=True)
+    sd["transformer"]["transformer_blocks.0.attn.to_q.lora_A.default.bias"] = torch.zeros(4)
+    torch.save(sd, tmp_path / "foreign.pt")
+    (tmp_path / "empty.ply").write_bytes(b"")
+    other = _official_model(base, rank=2)
+    torch.save({p: {k: v for k, v in m.state_dict().items() if "lora_" in k}
+                for p, m in (("vae", other.vae), ("transformer", other.transformer))}, tmp_path / "rank2.pt")
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(tmp_path / "dot.png")
+    common = ["restore", "--lq", str(tmp_path / "dot.png"), "--base-model", str(base), "--device", "cpu"]
+    for bad, msg in [("foreign.pt", "unexpected transformer keys"), ("empty.ply", "not a loadable checkpoint")]:
+        res = _run_cli(*common, "--out", str(tmp_path / "o.png"), "--ckpt", str(tmp_path / bad))
+        assert res.returncode == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    # rank is read from the tensors: a rank-2 checkpoint loads into a fresh restorer as rank 2
+    r2 = Restorer.from_pretrained(base).load_lora(tmp_path / "rank2.pt")
+    assert any(p.shape[0] == 2 for n, p in r2.transformer.named_parameters() if "lora_A" in n)
+    with pytest.raises(NifiError, match="has shape"):
+        Restorer.from_pretrained(base).load_lora(ckpt).load_lora(tmp_path / "rank2.pt")
+    res = _run_cli(*common, "--out", str(tmp_path / "dot_out.png"), "--ckpt", str(ckpt))
+    assert res.returncode == 0, res.stderr[-800:]
+    assert Image.open(tmp_path / "dot_out.png").size == (1, 1)
 
 
 def test_tiling_without_effect_when_the_tile_covers_the_latent(prior):
