@@ -153,12 +153,75 @@ def dists(pred, gt) -> torch.Tensor:
     return dists_model(str(p.device))(p, g).reshape(-1)
 
 
+def _lattice_masks(h: int, w: int, period: int, ring: tuple[int, int]) -> list:
+    """Per lattice frequency of an h x w FFT grid: its 3x3 peak window and its spectral neighbourhood, as flat
+    index tensors. Off-axis frequencies compare with a Chebyshev ring around them that leaves out the axes;
+    frequencies on an axis (where straight horizontal or vertical image structure puts its power) compare
+    with their neighbours along that axis. Other lattice windows and DC never count as neighbourhood."""
+    fy = sorted({round(k * h / period) % h for k in range(period)})
+    fx = sorted({round(k * w / period) % w for k in range(period)})
+    bins = [(a, b) for a in fy for b in fx if (a, b) != (0, 0)]
+    taken = torch.zeros(h, w, dtype=torch.bool)
+    for a, b in bins + [(0, 0)]:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                taken[(a + dy) % h, (b + dx) % w] = True
+
+    def near_axis(f, n):  # within a bin of the zero frequency (the Hann window spreads an axis that far)
+        return min(f % n, (-f) % n) <= 1
+
+    out = []
+    r0, r1 = ring
+    for a, b in bins:
+        peak = [((a + dy) % h) * w + (b + dx) % w for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        if a == 0:  # horizontal-frequency axis: neighbours along it
+            offs = [(dy, dx) for dy in (-1, 0, 1) for dx in range(-r1, r1 + 1) if abs(dx) >= r0]
+        elif b == 0:
+            offs = [(dy, dx) for dx in (-1, 0, 1) for dy in range(-r1, r1 + 1) if abs(dy) >= r0]
+        else:
+            offs = [(dy, dx) for dy in range(-r1, r1 + 1) for dx in range(-r1, r1 + 1) if max(abs(dy), abs(dx)) >= r0
+                    and not near_axis(a + dy, h) and not near_axis(b + dx, w)]
+        neigh = sorted({((a + dy) % h) * w + (b + dx) % w for dy, dx in offs if not taken[(a + dy) % h, (b + dx) % w]})
+        if len(neigh) >= 4:
+            out.append((torch.tensor(peak), torch.tensor(neigh)))
+    return out
+
+
+def periodic_artifact(img, period: int = 8, ring: tuple[int, int] = (2, 5)) -> torch.Tensor:
+    """Periodic-artifact score per image (lower is better; ~0 for natural images).
+
+    The latent grid of a patch autoencoder (4 px) times the transformer's patch (2) repeats every 8 px,
+    and a lattice with that period puts its energy at the frequencies (k H / 8, l W / 8). Per such
+    frequency, the luminance spectrum's power in a 3x3 window (Hann-windowed FFT) is compared with what
+    its spectral neighbourhood predicts for a 3x3 window (a ring of radius 2-5 bins; along the axis for
+    frequencies on an axis); the score is the mean over frequencies of log10 of that ratio: ~0 when the
+    lattice frequencies hold what the surrounding spectrum does, 0.3 for twice that, 0.6 for ~4x. Each
+    frequency counts equally, so a faint lattice shows where the image's own spectrum is weak (high
+    frequencies). Periods that divide 8 (the 4-px latent blocks) land on a subset and are caught too."""
+    x = to_bchw(img)
+    x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]) if x.shape[1] == 3 else x.mean(1)
+    b, h, w = x.shape
+    if min(h, w) < 2 * period:
+        raise NifiError(f"periodic_artifact needs images of at least {2 * period}x{2 * period} px, got {h}x{w}")
+    x = x.double()
+    x = x - x.mean((-2, -1), keepdim=True)
+    win = (torch.hann_window(h, periodic=False, dtype=torch.float64)[:, None]
+           * torch.hann_window(w, periodic=False, dtype=torch.float64)[None])
+    pw = torch.fft.fft2(x * win).abs().pow(2).reshape(b, -1)
+    masks = _lattice_masks(h, w, period, ring)
+    floor = 1e-10 * pw.mean(1) + 1e-30  # a flat image scores 0, not 0/0
+    ratios = [(pw[:, pk].mean(1) + floor) / (pw[:, nb].mean(1) + floor) for pk, nb in masks]
+    return torch.log10(torch.stack(ratios, 1)).mean(1).float()
+
+
 METRIC_BACKENDS.update({
     "ssim": "torchmetrics 1.9.0 structural_similarity_index_measure (gaussian 11x11, sigma 1.5, data_range 1)",
     "dists": "torchmetrics 1.9.0 DISTSNetwork, torchvision ImageNet VGG16 (only where its weights are cached)",
+    "periodic": "nifi_utils.metrics.periodic_artifact: log10 of luminance power at the 8-px lattice frequencies (3x3 "
+                "windows, Hann-windowed FFT) over what their spectral neighbourhoods predict; no reference image",
 })
 LOWER_IS_BETTER = {"psnr": False, "ssim": False, "stlpips_alex": True, "stlpips_vgg": True, "lpips_alex": True,
-                   "lpips_vgg": True, "dists": True, "mv_consistency": True}
+                   "lpips_vgg": True, "dists": True, "mv_consistency": True, "periodic": True}
 
 
 def metric_available(name: str) -> bool:
