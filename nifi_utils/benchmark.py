@@ -176,3 +176,93 @@ def external_restorer_images(entry: dict, views: list[str], shape: tuple) -> lis
             raise NifiError(f"external restorer {entry['name']}: {v} is {im.shape}, the test view is {shape}")
         out.append(im)
     return out
+
+
+# ---------------------------------------------------------------------- scoring, summaries, targets
+def score_rows(method: str, scene: str, codec: str, rate: str, ims: list, gt_ims: list, views: list[str], ms: list,
+               nbytes: int, ply_bytes: int, metrics: list[str], meter: "ConsistencyMeter | None", device: str) -> list[dict]:
+    """One benchmark.csv row per test view: full-reference metrics against the ground truth, multi-view
+    consistency, and the periodic-artifact score of the image and of its ground truth (and their difference)."""
+    from .metrics import image_metrics, periodic_artifact
+
+    if not (len(ims) == len(gt_ims) == len(views) == len(ms)):
+        raise NifiError(f"{method} {scene} {rate}: {len(ims)} images, {len(gt_ims)} ground truths, {len(views)} views")
+    sc = image_metrics(np.stack(ims), np.stack(gt_ims), metrics)
+    mv = meter.errors(ims) if meter is not None else np.full(len(ims), np.nan)
+    pa = periodic_artifact(np.stack(ims)).numpy().astype(np.float64)
+    pg = periodic_artifact(np.stack(gt_ims)).numpy().astype(np.float64)
+    return [{"method": method, "codec": codec, "rate": rate, "scene": scene, "view": v, "bytes": nbytes,
+             "size_mb": nbytes / 1e6, "size_mib": nbytes / 2**20, "ratio": ply_bytes / nbytes,
+             **{m: float(sc[m][i]) for m in metrics}, "mv_consistency": float(mv[i]),
+             "periodic": float(pa[i]), "periodic_gt": float(pg[i]), "periodic_excess": float(pa[i] - pg[i]),
+             "ms_per_image": ms[i], "device": device} for i, v in enumerate(views)]
+
+
+def rate_key(codec: str, rate: str) -> str:
+    """metrics.json's key of a rate: `level0` for our codec (and `uncompressed`), `<codec>_<rate>` otherwise."""
+    return rate if codec in (OUR_CODEC, "uncompressed") else f"{codec}_{rate}"
+
+
+def summary(df, columns: list[str], n_boot: int = 2000, seed: int = 0) -> dict:
+    """method -> rate key -> {column: mean, column_ci95: [lo, hi]} (scene-then-view means, two-level bootstrap)."""
+    from .stats import mean_ci
+
+    out: dict = {}
+    for (codec, rate, method), g in df.groupby(["codec", "rate", "method"], sort=False):
+        cell = out.setdefault(method, {}).setdefault(rate_key(codec, rate), {})
+        for c in columns:
+            if c not in g or g[c].isna().all():
+                cell[c] = None
+                continue
+            if c in ("size_mb", "size_mib", "ratio", "bytes", "ms_per_image"):
+                cell[c] = round(float(g.groupby("scene")[c].mean().mean()), 6)  # sizes/timings: no interval
+                continue
+            m, lo, hi = mean_ci(g, c, n_boot, seed)
+            cell[c], cell[f"{c}_ci95"] = round(m, 6), [round(lo, 6), round(hi, 6)]
+    return out
+
+
+def check_targets(df, key: str = "stlpips_alex", gain: float = 0.35, ssim_drop: float = 0.05, psnr_drop_db: float = 1.0,
+                  periodic_margin: float = 0.05) -> tuple[dict, list[str]]:
+    """The benchmark's targets, each decided on 95 % paired bootstrap intervals (our codec, every rate):
+    NiFi better than every other restorer (interval of the difference below 0); NiFi's gain over the
+    compressed render at least `gain` (lower bound); w/o t0 worse than NiFi; NiFi's SSIM and PSNR within
+    `ssim_drop` / `psnr_drop_db` of the compressed render's (lower bound of the paired difference); NiFi's
+    and w/o t0's periodic-artifact excess over the ground truth below `periodic_margin` (upper bound)."""
+    from .stats import mean_ci, paired_difference, relative_gain
+
+    ours = df[df["codec"] == OUR_CODEC]
+    have = set(ours["method"])
+    checks, lines = {}, []
+    if "nifi" not in have or "compressed" not in have:
+        return checks, ["no nifi or compressed rows: no targets checked"]
+    others = [m for m in METHOD_ORDER + sorted(have) if m in have and m not in ("nifi", "nifi_no_tsd", "3dgs", "compressed")]
+    others = list(dict.fromkeys(others))
+    for r in sorted(set(ours["rate"])):
+        at = {m: g for m, g in ours[ours["rate"] == r].groupby("method")}
+        n = at["nifi"]
+        if others:
+            best = min(others, key=lambda m: mean_ci(at[m], key)[0])
+            d, lo, hi = paired_difference(n, at[best], key, what=f"{r} nifi vs {best}")
+            checks[f"nifi_best_{key}_{r}"] = bool(hi < 0)
+            lines.append(f"{r}: nifi - {best} (best other) {key} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        g, lo, hi = relative_gain(at["compressed"], n, key, what=f"{r} nifi vs compressed")
+        checks[f"nifi_improves_{key}_{round(100 * gain)}pct_{r}"] = bool(lo >= gain)
+        lines.append(f"{r}: nifi improves {key} over compressed by {100 * g:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
+                     f"(target: lower bound >= {100 * gain:.0f}%)")
+        if "nifi_wo_t0" in at:
+            d, lo, hi = paired_difference(at["nifi_wo_t0"], n, key, what=f"{r} nifi_wo_t0 vs nifi")
+            checks[f"nifi_wo_t0_worse_{r}"] = bool(lo > 0)
+            lines.append(f"{r}: nifi_wo_t0 - nifi {key} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        for metric, drop in (("ssim", ssim_drop), ("psnr", psnr_drop_db)):
+            if metric in n and n[metric].notna().all():
+                d, lo, hi = paired_difference(n, at["compressed"], metric, what=f"{r} nifi vs compressed ({metric})")
+                checks[f"nifi_{metric}_within_{drop:g}_{r}"] = bool(lo >= -drop)
+                lines.append(f"{r}: nifi - compressed {metric} {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (target: lower bound >= -{drop:g})")
+        for m in ("nifi", "nifi_wo_t0"):
+            if m in at:
+                e, lo, hi = mean_ci(at[m], "periodic_excess")
+                checks[f"{m}_periodic_like_gt_{r}"] = bool(hi < periodic_margin)
+                lines.append(f"{r}: {m} periodic-artifact excess over GT {e:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                             f"(target: upper bound < {periodic_margin})")
+    return checks, lines

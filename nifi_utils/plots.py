@@ -3,7 +3,8 @@
 The benchmark stage writes one row per (method, codec, rate, scene, view). Here those rows are
 averaged (per scene first, then over scenes, the 3DGS convention), drawn against the rate in MB
 (log axis, compression ratio on top), laid out in the shape of the paper's Table 1 (csv, Markdown,
-LaTeX; best / second / third marked) and shown as a grid of images with zoomed crops. The paper's
+LaTeX; best / second / third marked where a paired bootstrap separates them, "tied" otherwise; every
+mean with its 95 % two-level bootstrap interval, `nifi_utils.stats`) and shown as a grid of images with zoomed crops. The paper's
 published Table 1 lives in `data/paper_table1.csv` so its curves can be drawn beside ours.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .common import NifiError
+from .stats import MAY_BE_UNDEFINED, mean_ci, tiers
 
 # Table 1's row order: reference, unrestored, baselines, NiFi; anything else (external_*) after the baselines
 METHOD_ORDER = ["3dgs", "compressed", "bm3d", "img2img", "nifi", "nifi_no_tsd", "nifi_wo_t0"]
@@ -25,9 +27,13 @@ METHOD_COLORS = {"3dgs": "black", "compressed": "tab:gray", "bm3d": "tab:blue", 
                  "paper_SwinIR": "tab:green", "paper_DiffBIR": "tab:olive", "paper_Difix3D": "tab:cyan"}
 EXTRA_COLORS = ["tab:green", "tab:olive", "tab:cyan", "tab:brown", "gold", "teal"]
 HIGHER_IS_BETTER = {"psnr", "ssim"}
+# diagnostics drawn as curves but never ranked (closer to the ground truth's value is better, not lower)
+UNRANKED = {"periodic", "periodic_excess"}
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "stlpips_alex": "ST-LPIPS (alex)", "stlpips_vgg": "ST-LPIPS (vgg)",
                  "lpips_alex": "LPIPS (alex)", "lpips_vgg": "LPIPS (vgg)", "dists": "DISTS",
-                 "mv_consistency": "multi-view inconsistency (GT = 1)"}
+                 "mv_consistency": "multi-view inconsistency (GT = 1)",
+                 "periodic": "periodic artifact (log10, 8-px lattice)",
+                 "periodic_excess": "periodic artifact over GT's (log10)"}
 OUR_CODEC = "nifi3dgs"
 KEY_COLUMNS = ["method", "codec", "rate", "scene", "view"]
 REQUIRED_COLUMNS = KEY_COLUMNS + ["bytes", "size_mb", "ratio"]
@@ -91,14 +97,22 @@ def load_benchmark(path: str | Path, metrics=()) -> pd.DataFrame:
     return df
 
 
-def aggregate(df: pd.DataFrame, metrics) -> pd.DataFrame:
-    """Mean per (method, codec, rate): first over each scene's views, then over scenes (NaN-aware)."""
+def aggregate(df: pd.DataFrame, metrics, ci: bool = True) -> pd.DataFrame:
+    """Mean per (method, codec, rate): first over each scene's views, then over scenes (NaN-aware); with `ci`,
+    `<metric>_lo` / `<metric>_hi`, the 95 % two-level bootstrap interval of each mean."""
     cols = ["bytes", "size_mb", "ratio", *(["size_mib"] if "size_mib" in df else []), *metrics]
     per_scene = df.groupby(["method", "codec", "rate", "scene"], sort=False)[cols].mean()
     per_scene["n_images"] = df.groupby(["method", "codec", "rate", "scene"], sort=False).size()
     agg = per_scene.groupby(level=["method", "codec", "rate"], sort=False)[cols].mean()
     agg["n_scenes"] = per_scene.groupby(level=["method", "codec", "rate"], sort=False).size()
     agg["n_images"] = per_scene.groupby(level=["method", "codec", "rate"], sort=False)["n_images"].sum()
+    if ci:  # 95 % interval of each mean: scenes resampled, then views within them (nifi_utils.stats)
+        for m in metrics:
+            # a metric missing for some images has no interval here (the benchmark refuses such rows)
+            bounds = {k: mean_ci(g, m)[1:] if g[m].notna().all() or m in MAY_BE_UNDEFINED else (np.nan, np.nan)
+                      for k, g in df.groupby(["method", "codec", "rate"], sort=False)}
+            agg[f"{m}_lo"] = [bounds[k][0] for k in agg.index]
+            agg[f"{m}_hi"] = [bounds[k][1] for k in agg.index]
     agg = agg.reset_index()
     agg.insert(1, "label", agg["method"].map(method_label))
     keys = [(method_sort_key(m), c != OUR_CODEC, c, natural_key(r)) for m, c, r in zip(agg["method"], agg["codec"], agg["rate"])]
@@ -155,6 +169,10 @@ def plot_rd(agg: pd.DataFrame, metrics, paper: pd.DataFrame | None = None, paper
             wide = method == "compressed"
             handles[name] = ax.plot(g["size_mb"], g[metric], ls=ls, marker=mk, ms=6 if wide else 4, lw=3 if wide else 1.5,
                                     alpha=0.6 if wide else 1, zorder=1 if wide else 2, color=method_color(method), label=name)[0]
+            if f"{metric}_lo" in g and g[f"{metric}_lo"].notna().any():  # 95 % bootstrap interval of each mean
+                yerr = np.stack([g[metric] - g[f"{metric}_lo"], g[f"{metric}_hi"] - g[metric]]).clip(min=0)
+                ax.errorbar(g["size_mb"], g[metric], yerr=yerr, fmt="none", ecolor=method_color(method), elinewidth=1,
+                            capsize=2, alpha=0.7, zorder=1 if wide else 2)
         if paper is not None and metric in PAPER_METRIC_OF:
             _draw_paper(ax, paper, paper_dataset, PAPER_METRIC_OF[metric], handles)
         if not curves[metric].notna().any():
@@ -241,7 +259,7 @@ def _draw_paper(ax, paper: pd.DataFrame, dataset: str, column: str, handles: dic
 def rd_table(agg: pd.DataFrame, metrics) -> pd.DataFrame:
     """The curves' data (one row per method x codec x rate): what rd_curves.csv and DVC plots read."""
     cols = ["method", "label", "codec", "rate", "size_mb", *(["size_mib"] if "size_mib" in agg else []), "bytes", "ratio",
-            "n_scenes", "n_images", *dict.fromkeys(metrics)]
+            "n_scenes", "n_images", *dict.fromkeys(metrics), *[f"{m}_{b}" for m in dict.fromkeys(metrics) for b in ("lo", "hi")]]
     return agg[[c for c in cols if c in agg]].copy()
 
 
@@ -259,19 +277,33 @@ def decimals_of(metric: str) -> int:
     return 2 if metric == "psnr" else 3
 
 
-def build_table1(agg: pd.DataFrame, table_metrics) -> pd.DataFrame:
+def build_table1(agg: pd.DataFrame, table_metrics, df: pd.DataFrame | None = None) -> pd.DataFrame:
     """Table 1's cells as data: one row per (method, codec, rate) with the two metrics and their ranks.
 
     Ranks are per column (codec, rate) and metric among every row except 3DGS (the uncompressed
-    reference is not a competitor); the compressed row competes, so a restorer that hurts shows."""
+    reference is not a competitor); the compressed row competes, so a restorer that hurts shows.
+    With the per-image rows `df`, ranks are tiers (`nifi_utils.stats.tiers`): a row is ranked below
+    another only where the paired 95 % bootstrap interval of their per-image difference excludes
+    zero; rows that cannot be told apart share a rank and `tied_<metric>` is True. Without `df`,
+    ranks are dense ranks of the printed values."""
     if len(table_metrics) != 2:
         raise NifiError(f"table_metrics must name two metrics (Table 1's 'a / b' cells), got {list(table_metrics)}")
-    t = agg[["method", "label", "codec", "rate", "size_mb", "ratio", "n_scenes", "n_images", *table_metrics]].copy()
+    cols = ["method", "label", "codec", "rate", "size_mb", "ratio", "n_scenes", "n_images", *table_metrics]
+    t = agg[cols + [c for m in table_metrics for c in (f"{m}_lo", f"{m}_hi") if c in agg]].copy()
     for m in table_metrics:
         t[f"rank_{m}"] = np.nan
+        t[f"tied_{m}"] = False
         ranked = t["method"] != "3dgs"
-        t.loc[ranked, f"rank_{m}"] = t[ranked].groupby(["codec", "rate"])[m].transform(
-            lambda s, m=m: rank_rows(s, m, decimals_of(m)))
+        if df is None:
+            t.loc[ranked, f"rank_{m}"] = t[ranked].groupby(["codec", "rate"])[m].transform(
+                lambda s, m=m: rank_rows(s, m, decimals_of(m)))
+            continue
+        for (codec, rate), g in t[ranked].groupby(["codec", "rate"], sort=False):
+            rows = {meth: df[(df["method"] == meth) & (df["codec"] == codec) & (df["rate"] == rate)] for meth in g["method"]}
+            tier = tiers(rows, m, lower_is_better=m not in HIGHER_IS_BETTER)
+            for i in g.index:
+                if t.at[i, "method"] in tier:
+                    t.at[i, f"rank_{m}"], t.at[i, f"tied_{m}"] = tier[t.at[i, "method"]]
     return t
 
 
@@ -302,7 +334,8 @@ def _cell(row, metrics, style) -> str:
             parts.append("–")
             continue
         s = f"{v:.{decimals_of(m)}f}"
-        parts.append(MARKS[style][int(r) - 1].format(s) if np.isfinite(r) and r <= 3 else s)
+        s = MARKS[style][int(r) - 1].format(s) if np.isfinite(r) and r <= 3 else s
+        parts.append(s + ("≈" if row.get(f"tied_{m}", False) and np.isfinite(r) and r <= 3 else ""))
     return " / ".join(parts)
 
 
@@ -344,7 +377,9 @@ def table1_note(table_metrics) -> str:
     a, b = table_metrics
     text = (f"Cells: {metric_label(a)} / {metric_label(b)}, means over the test views of each evaluation scene, then over "
             "scenes. Best / second / third per column and metric among all rows but 3DGS: **bold** / <ins>underline</ins> / "
-            "*italic*. The compressed row is the codec's output without restoration: our codec `nifi3dgs` (HAC++ in the "
+            "*italic*; a row ranks below another only where the 95 % paired bootstrap interval of their per-image "
+            "difference (scenes, then views resampled) excludes zero: rows marked ≈ are tied with the others of their "
+            "mark. The compressed row is the codec's output without restoration: our codec `nifi3dgs` (HAC++ in the "
             "paper), external codecs in their own columns.")
     if any(m.startswith("stlpips") for m in table_metrics):
         text += ("\n\nST-LPIPS is *shift-tolerant* LPIPS (Ghildyal & Liu, ECCV 2022), **not LPIPS**: its values are not "
@@ -357,7 +392,7 @@ def table1_note(table_metrics) -> str:
 def table1_latex(table: pd.DataFrame, table_metrics) -> str:
     """Table 1 as a LaTeX tabular (booktabs), best / second / third as textbf / underline / textit."""
     header, rows = table1_grid(table, table_metrics, "tex")
-    tex = {"&": "\\&", "%": "\\%", "_": "\\_", "×": "$\\times$", "–": "--"}
+    tex = {"&": "\\&", "%": "\\%", "_": "\\_", "×": "$\\times$", "–": "--", "≈": "$^{\\approx}$"}
     esc = lambda s: "".join(tex.get(ch, ch) for ch in s)  # noqa: E731
     n = len(header) - 1
     comment = re.sub(r"\*\*|<ins>|</ins>|\*", "", table1_note(table_metrics)).replace("\n\n", " ")

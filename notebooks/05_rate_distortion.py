@@ -26,7 +26,7 @@
 profile = "tiny"
 seed = 0
 table_metrics = ["stlpips_alex", "stlpips_vgg"]
-rd_metrics = ["stlpips_alex", "stlpips_vgg", "psnr", "ssim", "mv_consistency"]
+rd_metrics = ["stlpips_alex", "stlpips_vgg", "psnr", "ssim", "mv_consistency", "periodic_excess"]
 grid_views = 1
 grid_crop = 16
 show_paper = False
@@ -62,7 +62,9 @@ print(f"codecs: {', '.join(sorted(df['codec'].unique()))}; devices: {', '.join(m
 # convention, so a scene with more test views does not weigh more). Sizes are averaged the same way:
 # the size of a rate is the mean bitstream size over scenes. Restorers add no bytes, so they sit at
 # the compressed size of their rate. NaN scores (e.g. multi-view consistency where it is undefined) are
-# left out of the mean.
+# left out of the mean. Each mean comes with its 95 % interval (`<metric>_lo`, `<metric>_hi`): a
+# two-level bootstrap that resamples scenes, then views within them (`nifi_utils.stats`); with few
+# evaluation scenes it is optimistic, since no resample can show a scene unlike the ones we have.
 
 # %%
 agg = plots.aggregate(df, metrics)
@@ -79,6 +81,8 @@ print(agg[["label", "codec", "rate", "size_mb", "ratio", "n_scenes", "n_images",
 # (ST-LPIPS) and fidelity metrics (PSNR, SSIM) can disagree: a generative restorer may add plausible
 # detail that is not the ground truth's, which ST-LPIPS rewards and PSNR penalises. Multi-view
 # inconsistency (1 = as consistent as the ground truth) shows whether that detail flickers across views.
+# The periodic-artifact panel is a no-reference diagnostic: the restored image's lattice score minus the
+# ground truth's (0 = no more 8-px lattice than the real view has). Error bars: 95 % bootstrap intervals.
 # With `show_paper`, the published curves of `paper_dataset` are drawn dotted with hollow markers on the
 # LPIPS / DISTS panels only (never on ST-LPIPS, which is another metric); their x positions are HAC++ sizes
 # of real scenes, so the top (ratio) axis does not apply to them.
@@ -97,11 +101,13 @@ plt.show()
 # The paper's layout: rows are the uncompressed 3DGS, the compressed scene, the baselines and the NiFi
 # variants; columns are rates, labelled with the mean size in MB; each cell is "a / b" for the two
 # `table_metrics`. Best, second and third per column and metric are marked among every row but 3DGS
-# (the compressed row competes, so a restorer that makes things worse is visible). `table1.csv` holds
-# the same cells as data, with the ranks.
+# (the compressed row competes, so a restorer that makes things worse is visible), and only where the
+# difference is more than noise: a paired bootstrap of the per-image differences (same resampled images
+# for both rows) must exclude zero, otherwise the rows share a mark and print ≈ ("tied").
+# `table1.csv` holds the same cells as data, with the intervals, ranks and ties.
 
 # %%
-table = plots.build_table1(agg, table_metrics)
+table = plots.build_table1(agg, table_metrics, df)
 prov = provenance(profile, seed, ", ".join(map(str, df["device"].unique())), scenes=scenes,
                   benchmark_csv=str(csv_path.relative_to(repo_path("."))))
 note = (f"Produced by `notebooks/05_rate_distortion.py` from `reports/{profile}/benchmark.csv` "

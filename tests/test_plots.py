@@ -165,8 +165,9 @@ def test_rd_table_and_figure(agg, tmp_path):
     axes = [a for a in fig.axes if a.get_title()]
     assert len(axes) == len(METRICS)
     assert all(a.get_xscale() == "log" for a in axes)
-    # one curve per method (6) + the 3DGS reference line
-    assert len(axes[0].get_lines()) == 7
+    # one labelled curve per method (6) + the 3DGS reference line (error-bar caps are unlabelled)
+    assert len([ln for ln in axes[0].get_lines() if not ln.get_label().startswith("_")]) == 6
+    assert any(len(set(ln.get_ydata())) == 1 and ln.get_linestyle() == "--" for ln in axes[0].get_lines())
     fig.savefig(tmp_path / "rd.png"), fig.savefig(tmp_path / "rd.pdf")
     plt.close(fig)
     assert (tmp_path / "rd.png").stat().st_size > 0 and (tmp_path / "rd.pdf").stat().st_size > 0
@@ -180,7 +181,7 @@ def test_all_nan_metric_still_plots(agg):
 
 def test_paper_curves_only_on_comparable_metrics(agg):
     paper = plots.load_paper_table(REPO_ROOT / "data" / "paper_table1.csv")
-    agg = agg.assign(lpips_alex=agg["stlpips_alex"])
+    agg = agg.assign(lpips_alex=agg["stlpips_alex"], lpips_alex_lo=agg["stlpips_alex_lo"], lpips_alex_hi=agg["stlpips_alex_hi"])
     fig = plots.plot_rd(agg, ["lpips_alex", "stlpips_alex"], paper, "DB")
     lp, st = [a for a in fig.axes if a.get_title()][:2]
     assert len(lp.get_lines()) == len(st.get_lines()) + 9  # 8 published curves + the published 3DGS line
@@ -304,3 +305,38 @@ def test_image_path_accepts_view_names_with_or_without_extension(tmp_path):
     renders = tmp_path / "renders" / "eval_00"
     assert plots.image_path(tmp_path, "gt", "eval_00", "level0", "0008.png") == renders / "gt" / "0008.png"
     assert plots.image_path(tmp_path, "compressed", "eval_00", "level1", "0008") == renders / "level1" / "0008.png"
+
+
+def test_table_ranks_with_paired_bootstrap_ties():
+    """With the per-image rows, a rank below another needs a paired interval that excludes zero: a row whose
+    per-image differences to the leader straddle zero is tied with it (marked ≈), a clear gap is not."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for scene in ("eval_00", "eval_01", "eval_02"):
+        for view in ("0000", "0008", "0016", "0024"):
+            base = rng.uniform(0.2, 0.6)
+            noise = rng.normal(0, 0.02)
+            for method, v in (("compressed", base + 0.2), ("nifi", base), ("nifi_no_tsd", base + noise),
+                              ("img2img", base + 0.1)):
+                rows.append(_row(method, "level0", scene, view, 1000, stlpips_alex=v, stlpips_vgg=v, psnr=20.0))
+    df = pd.DataFrame(rows)
+    agg = plots.aggregate(df, METRICS)
+    assert (agg["stlpips_alex_lo"] <= agg["stlpips_alex"]).all() and (agg["stlpips_alex"] <= agg["stlpips_alex_hi"]).all()
+    t = plots.build_table1(agg, ["stlpips_alex", "stlpips_vgg"], df).set_index("method")
+    assert t.loc["nifi", "rank_stlpips_alex"] == t.loc["nifi_no_tsd", "rank_stlpips_alex"] == 1
+    assert t.loc["nifi", "tied_stlpips_alex"] and t.loc["nifi_no_tsd", "tied_stlpips_alex"]
+    assert t.loc["img2img", "rank_stlpips_alex"] == 2 and not t.loc["img2img", "tied_stlpips_alex"]
+    assert t.loc["compressed", "rank_stlpips_alex"] == 3
+    md = plots.table1_markdown(t.reset_index(), ["stlpips_alex", "stlpips_vgg"])
+    row = next(line for line in md.splitlines() if line.startswith("| + Img2Img |"))
+    assert "≈" not in row and "<ins>" in row
+    assert "≈" in next(line for line in md.splitlines() if line.startswith("| + NiFi |"))
+    # without noise the paired differences are exact: the same ranks as the dense ranking
+    known = known_frame()
+    a = plots.aggregate(known, METRICS)
+    dense = plots.build_table1(a, ["stlpips_alex", "psnr"])
+    paired = plots.build_table1(a, ["stlpips_alex", "psnr"], known)
+    assert list(dense["rank_stlpips_alex"].fillna(0)) == list(paired["rank_stlpips_alex"].fillna(0))
+    assert list(dense["rank_psnr"].fillna(0)) == list(paired["rank_psnr"].fillna(0))
+    fig = plots.plot_rd(a, ["stlpips_alex", "psnr"])
+    plt.close(fig)
