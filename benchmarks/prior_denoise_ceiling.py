@@ -40,7 +40,7 @@ torch.manual_seed(0)
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 EVAL = 500 if dev == "cuda" else 20
 prior = Restorer.from_pretrained(ROOT / "data" / args.profile / "prior", dtype=torch.float32)
-train_imgs, held_imgs = training_images(ROOT / "data" / args.profile / "scenes", 64, 128, 0)
+train_imgs, held_imgs, _ = training_images(ROOT / "data" / args.profile / "scenes", 64, 128, 0)
 lat = encode_latents(prior.vae, to_pm1(train_imgs), 4, 0).to(dev)  # what the prior's transformer trains on
 prior = prior.to(dev)
 _, s0, _ = prior.schedule(199)

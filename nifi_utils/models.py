@@ -144,10 +144,16 @@ def _define_patch_autoencoder():
         @register_to_config
         def __init__(self, in_channels: int = 3, latent_channels: int = 16, patch: int = 4, hidden: int = 64,
                      n_res_enc: int = 1, n_res_dec: int = 2, pixel_hidden: int = 32, scaling_factor: float = 1.0,
-                     shift_factor: float = 0.0, logvar_init: float = -8.0, downsample_factor: int = 4):
+                     shift_factor: float = 0.0, logvar_init: float = -8.0, downsample_factor: int = 4,
+                     overlap: int = 0, n_res_pixel: int = 1):
             super().__init__()
+            # `overlap` px on every side of a patch: the encoder reads and the decoder writes a (patch + 2 overlap)
+            # footprint, so neighbouring latents share pixels and a latent error is not confined to (and does not
+            # outline) its own patch; 0 is the per-patch transform of the first cpu prior
+            k, pad = patch + 2 * overlap, overlap
             self.encoder = torch.nn.Module()
-            self.encoder.conv_in = torch.nn.Conv2d(in_channels, latent_channels, patch, stride=patch)
+            self.encoder.conv_in = torch.nn.Conv2d(in_channels, latent_channels, k, stride=patch, padding=pad,
+                                                   padding_mode="replicate" if pad else "zeros")
             self.encoder.mid_block = _Mid(latent_channels, hidden, n_res_enc)
             self.encoder.conv_out = torch.nn.Conv2d(latent_channels, latent_channels, 1)
             torch.nn.init.eye_(self.encoder.conv_out.weight[:, :, 0, 0])
@@ -155,19 +161,23 @@ def _define_patch_autoencoder():
             self.logvar = torch.nn.Parameter(torch.full((latent_channels,), float(logvar_init)))
             self.decoder = torch.nn.Module()
             self.decoder.mid_block = _Mid(latent_channels, hidden, n_res_dec)
-            self.decoder.conv_out = torch.nn.ConvTranspose2d(latent_channels, in_channels, patch, stride=patch)
-            self.decoder.refine = _ResBlock(in_channels, pixel_hidden)
+            self.decoder.conv_out = torch.nn.ConvTranspose2d(latent_channels, in_channels, k, stride=patch, padding=pad)
+            # full-resolution refinement: stacked residual blocks whose receptive field spans patch boundaries
+            self.decoder.refine = (_ResBlock(in_channels, pixel_hidden) if n_res_pixel == 1
+                                   else _Mid(in_channels, pixel_hidden, n_res_pixel))
 
         def set_pca(self, channel_mean: torch.Tensor, basis: torch.Tensor):
             """z = B (x - m), x^ = B^T z + m per patch: channel_mean [3], basis [C, 3*p*p] with orthonormal
             rows in conv weight order (channel, y, x). The decoder's ConvTranspose2d is B^T."""
-            p, c_in = self.config.patch, self.config.in_channels
+            p, c_in, o = self.config.patch, self.config.in_channels, self.config.overlap
             w = basis.reshape(-1, c_in, p, p).to(self.encoder.conv_in.weight)
             m = channel_mean.to(w)
-            with torch.no_grad():
-                self.encoder.conv_in.weight.copy_(w)
+            with torch.no_grad():  # the PCA fills the centre of an overlapping kernel: exact patch PCA at the start
+                self.encoder.conv_in.weight.zero_()
+                self.encoder.conv_in.weight[:, :, o:o + p, o:o + p] = w
                 self.encoder.conv_in.bias.copy_(-(w * m[None, :, None, None]).sum((1, 2, 3)))
-                self.decoder.conv_out.weight.copy_(w)
+                self.decoder.conv_out.weight.zero_()
+                self.decoder.conv_out.weight[:, :, o:o + p, o:o + p] = w
                 self.decoder.conv_out.bias.copy_(m)
             return self
 

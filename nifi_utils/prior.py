@@ -59,28 +59,80 @@ class PriorConfig:
     low_sigma_max: float = 0.3
     n_textures: int = 64
     pos_embed_max_size: int = 128  # in patches; the buffer is saved with the model (128: 4 MB at width 128)
+    vae_overlap: int = 0  # px each patch's encoder/decoder footprint reaches into its neighbours (0: per-patch)
+    vae_res_pixel: int = 1  # full-resolution residual refinement blocks of the decoder
+    vae_latent_noise: float = 0.0  # decoder also learns to decode latents + U(0, this) x std noise to the clean image
+    vae_noise_weight: float = 0.5  # weight of that noisy-latent term
+    n_prior_scenes: int = 0  # extra procedural training-split scenes rendered for the prior alone
+    prior_scene_views: int = 16  # views per such scene
+    prior_scene_gaussians: int = 30000  # Gaussians per such scene
+    n_photo_crops: int = 0  # multi-scale crops of the training photographs
 
 
 # ---------------------------------------------------------------------- data
-def training_images(scenes_root: Path, n_textures: int, size: int, seed: int) -> tuple[list, list]:
-    """(train, held_out) uint8 HxWx3 images. Train: training scenes' training views + textures from the
-    training photographs and procedural kinds. Held out: training scenes' test views (idx % 8 == 0)."""
+def prior_corpus_scenes(n: int, size: int, views: int, n_gaussians: int, seed: int, supersample: int = 2):
+    """Procedural training-split scenes rendered for the prior alone (no codec): their own seed stream,
+    training photographs only. Returns (images, [{name, seed, layout_id}])."""
+    from .scenes import SceneSpec, generate_scene, prior_scene_seeds, render_views
+
+    images, meta = [], []
+    for i, s in enumerate(progress(prior_scene_seeds(seed, n), desc="prior scenes")):
+        spec = SceneSpec(f"prior_{i:03d}", s, "train", n_gaussians, views, size, size)
+        scene, cams = generate_scene(spec)
+        images += render_views(scene, cams, supersample=supersample, desc=spec.name)
+        meta.append({"name": spec.name, "seed": s, "layout_id": spec.layout_id})
+    return images, meta
+
+
+def photo_crops(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`n` crops of the training photographs at random scales (side from `size` to the whole photo's short
+    side, area-downsampled to `size`): from texture close-ups to whole-photo views."""
+    from .scenes import TRAIN_PHOTOS, load_photo
+
+    out = []
+    for k in range(n):
+        photo = load_photo(TRAIN_PHOTOS[int(rng.integers(len(TRAIN_PHOTOS)))])
+        h, w = photo.shape[:2]
+        lo, hi = np.log(size), np.log(max(size + 1, min(h, w)))
+        sd = int(np.exp(rng.uniform(lo, hi)))
+        y, x = int(rng.integers(0, h - sd + 1)), int(rng.integers(0, w - sd + 1))
+        crop = torch.from_numpy(np.ascontiguousarray(photo[y:y + sd, x:x + sd])).permute(2, 0, 1)[None].float()
+        im = F.interpolate(crop, size=(size, size), mode="area")[0].permute(1, 2, 0).numpy()
+        out.append((np.clip(im, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return out
+
+
+def training_images(scenes_root: Path, n_textures: int, size: int, seed: int, n_prior_scenes: int = 0,
+                    prior_scene_views: int = 16, prior_scene_gaussians: int = 30000, n_photo_crops: int = 0):
+    """(train, held_out, corpus) uint8 HxWx3 images and what they came from. Train: training scenes' training
+    views, procedural training-split scenes rendered for the prior alone, multi-scale crops of the training
+    photographs and procedural textures. Held out: training scenes' test views (idx % 8 == 0). Evaluation
+    scenes and photographs are never read; `corpus` lists seeds and layouts so the benchmark can assert it."""
     from PIL import Image
 
     from .scenes import PROCEDURAL, TRAIN_PHOTOS, load_photo, procedural_texture
 
     train, held = [], []
+    corpus = {"scenes": [], "prior_scenes": [], "photos": list(TRAIN_PHOTOS), "counts": {}}
     dirs = sorted(d for d in scenes_root.iterdir() if d.is_dir())
     for d in dirs:
         meta = json.loads((d / "transforms.json").read_text())
         if meta.get("split") != "train":
             continue  # evaluation scenes never enter the prior's data
+        corpus["scenes"].append({"name": d.name, "seed": meta.get("seed"), "layout_id": meta.get("layout_id")})
         for i, fr in enumerate(meta["frames"]):
             im = np.asarray(Image.open(d / fr["file_path"]).convert("RGB"))
             (held if i in meta["test_ids"] else train).append(im)
     if not train:
         raise NifiError(f"no training scenes under {scenes_root}: run the scenes stage first")
+    corpus["counts"]["training_scene_views"] = len(train)
     rng = np.random.default_rng(seed)
+    if n_prior_scenes:
+        ims, corpus["prior_scenes"] = prior_corpus_scenes(n_prior_scenes, size, prior_scene_views, prior_scene_gaussians, seed)
+        train += ims
+    corpus["counts"]["prior_scene_views"] = n_prior_scenes * prior_scene_views
+    train += photo_crops(n_photo_crops, size, rng)
+    corpus["counts"]["photo_crops"] = n_photo_crops
     for k in range(n_textures):
         if k % 2 == 0:
             photo = load_photo(TRAIN_PHOTOS[(k // 2) % len(TRAIN_PHOTOS)])
@@ -92,7 +144,8 @@ def training_images(scenes_root: Path, n_textures: int, size: int, seed: int) ->
         else:
             tex = procedural_texture(PROCEDURAL[(k // 2) % len(PROCEDURAL)], rng, size)
         train.append((np.clip(tex, 0, 1) * 255 + 0.5).astype(np.uint8))
-    return train, held
+    corpus["counts"]["textures"] = n_textures
+    return train, held, corpus
 
 
 def to_pm1(imgs: list[np.ndarray]) -> torch.Tensor:
@@ -139,21 +192,39 @@ def train_autoencoder(train: torch.Tensor, cfg: PriorConfig, seed: int, log: lis
     g = torch.Generator().manual_seed(seed)
     ae = patch_autoencoder_class()(latent_channels=cfg.latent_channels, patch=cfg.patch, hidden=cfg.vae_hidden,
                                    n_res_enc=cfg.vae_res_enc, n_res_dec=cfg.vae_res_dec,
-                                   pixel_hidden=cfg.vae_pixel_hidden, downsample_factor=cfg.patch)
-    cm, basis = fit_patch_pca(augment(train, g), cfg.patch, cfg.latent_channels, seed=seed)
+                                   pixel_hidden=cfg.vae_pixel_hidden, downsample_factor=cfg.patch,
+                                   overlap=cfg.vae_overlap, n_res_pixel=cfg.vae_res_pixel)
+    cm, basis = fit_patch_pca(augment(train[torch.randperm(len(train), generator=g)[:512]], g), cfg.patch,
+                              cfg.latent_channels, seed=seed)
     ae.set_pca(cm, basis)
     perc = stlpips_model("alex", "cpu") if cfg.vae_lambda_stlpips > 0 else None
     opt = torch.optim.AdamW([p for n, p in ae.named_parameters() if n != "logvar"], lr=cfg.vae_lr, weight_decay=0.0)
-    for step in progress(range(cfg.vae_steps), desc="autoencoder"):
-        x = augment(random_crops(train, cfg.vae_batch, cfg.vae_crop, g), g)
-        y = ae(x).sample
+
+    def rec_loss(y, x):
         l1 = (y - x).abs().mean()
         lp = perc(y, x).mean() if perc is not None else torch.zeros(())
+        return l1, lp
+
+    for step in progress(range(cfg.vae_steps), desc="autoencoder"):
+        x = augment(random_crops(train, cfg.vae_batch, cfg.vae_crop, g), g)
+        z = ae.encode(x).latent_dist.mode()
+        l1, lp = rec_loss(ae.decode(z).sample, x)
         loss = l1 + cfg.vae_lambda_stlpips * lp
+        entry = {"phase": "vae", "step": step, "l1": float(l1.detach()), "stlpips": float(lp.detach())}
+        if cfg.vae_latent_noise > 0:
+            # a restorer's latent is never exact: the decoder learns to turn a latent off by a little into the
+            # clean image rather than into that error's footprint (a block on the latent grid). The latent is
+            # detached, so the encoder cannot escape the noise by growing its latents.
+            zd = z.detach()
+            sig = cfg.vae_latent_noise * torch.rand(len(zd), 1, 1, 1, generator=g)
+            zn = zd + sig * zd.std() * torch.randn(zd.shape, generator=g)
+            nl1, nlp = rec_loss(ae.decode(zn).sample, x)
+            loss = loss + cfg.vae_noise_weight * (nl1 + cfg.vae_lambda_stlpips * nlp)
+            entry.update(noisy_l1=float(nl1.detach()), noisy_stlpips=float(nlp.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append({"phase": "vae", "step": step, "l1": float(l1.detach()), "stlpips": float(lp.detach())})
+        log.append(entry)
     with torch.no_grad():
         z = torch.cat([ae.encode(train[i:i + 32]).latent_dist.mean for i in range(0, len(train), 32)])
     ae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=0.0)
@@ -192,8 +263,17 @@ def train_transformer(restorer, latents: torch.Tensor, cfg: PriorConfig, seed: i
     tr = restorer.transformer
     tr.train()
     opt = torch.optim.AdamW(tr.parameters(), lr=cfg.dit_lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / max(cfg.dit_steps, 1), 1.0))) + 0.05)
     t_start = time.time()
+
+    def lr_factor(s):
+        # warm-up 100 steps, then cosine decay over the run's progress: steps done or time spent, whichever is
+        # further along, so a run cut by the time budget (a slower or busier machine) still ends annealed
+        done = s / max(cfg.dit_steps, 1)
+        if time_budget_s:
+            done = max(done, (time.time() - t_start) / time_budget_s)
+        return min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))) + 0.05
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     for step in progress(range(cfg.dit_steps), desc="transformer"):
         idx = torch.randint(len(latents), (cfg.dit_batch,), generator=g)
         x = latents[idx]

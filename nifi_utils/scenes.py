@@ -295,6 +295,17 @@ def scene_seeds(seed: int, n_train: int, n_eval: int) -> tuple[list[int], list[i
     return tr, ev
 
 
+def prior_scene_seeds(seed: int, n: int) -> list[int]:
+    """A third seed stream (after training and evaluation) for scenes rendered only to pretrain the offline prior.
+    They are training-split scenes (training photographs); never an evaluation seed."""
+    streams = np.random.SeedSequence(seed).spawn(3)  # children 0 and 1 are scene_seeds' train / eval streams
+    seeds = [int(s.generate_state(1)[0]) for s in streams[2].spawn(n)]
+    _, ev = scene_seeds(seed, 0, 64)
+    if set(seeds) & set(ev):
+        raise NifiError("prior-corpus and evaluation scene seeds collide; choose another global seed")
+    return seeds
+
+
 def _surface_gaussians(surf: Surface, n: int, tex: np.ndarray, rng: np.random.Generator,
                        spec: float, flatness: float = 0.08) -> GaussianScene:
     s = surf.sample(n, rng)

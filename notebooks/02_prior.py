@@ -64,11 +64,20 @@ low_sigma_frac = 0.5
 low_sigma_max = 0.3
 n_textures = 4
 pos_embed_max_size = 32
+vae_overlap = 2
+vae_res_pixel = 2
+vae_latent_noise = 0.3
+vae_noise_weight = 0.5
+n_prior_scenes = 1
+prior_scene_views = 4
+prior_scene_gaussians = 2000
+n_photo_crops = 8
 t0 = 199
 img2img_steps = 10
 gate_vae_psnr = 28.0
 gate_vae_stlpips = 0.10
-gate_denoise_gap_db = 1.0
+gate_denoise_gap_db = 2.5
+gate_periodic_excess = 0.05
 enforce_gates = False
 
 # %%
@@ -82,7 +91,7 @@ import torch
 from PIL import Image
 
 from nifi_utils.common import provenance, repo_path, seed_everything
-from nifi_utils.metrics import METRIC_BACKENDS, psnr, stlpips
+from nifi_utils.metrics import METRIC_BACKENDS, periodic_artifact, psnr, stlpips
 from nifi_utils.restorer import Restorer, load_embeddings
 
 out_dir = repo_path("data", profile, "prior")
@@ -121,9 +130,13 @@ if source == "sd3":
     print("SD3 folder and embeddings look complete")
 
 # %% [markdown]
-# ## Training data: the training split only
-# Training scenes' training views, training photographs and procedural textures. Held out: the
-# training scenes' test views (every 8th), never trained on. Evaluation scenes are not read.
+# ## Training data: the training split only, thousands of images
+# Training scenes' training views; `n_prior_scenes` more procedural *training-split* scenes rendered
+# here for the prior alone (their own seed stream, training photographs only, no codec); multi-scale
+# crops of the training photographs (from close-ups to whole photos); procedural textures. Held out:
+# the training scenes' test views (every 8th), never trained on. Evaluation scenes and photographs are
+# not read; the corpus's seeds and layouts go into `prior.json`, and the benchmark asserts that no
+# evaluation scene is among them.
 
 # %%
 if source == "train":
@@ -137,10 +150,14 @@ if source == "train":
                       dit_batch=dit_batch, dit_lr=dit_lr, image_size=image_size, augment_copies=augment_copies,
                       prompt_dropout=prompt_dropout, shift=shift, low_sigma_frac=low_sigma_frac,
                       low_sigma_max=low_sigma_max, n_textures=n_textures,
-                      pos_embed_max_size=pos_embed_max_size)
-    train_imgs, held_imgs = training_images(repo_path("data", profile, "scenes"), n_textures, image_size, seed)
+                      pos_embed_max_size=pos_embed_max_size, vae_overlap=vae_overlap, vae_res_pixel=vae_res_pixel,
+                      vae_latent_noise=vae_latent_noise, vae_noise_weight=vae_noise_weight,
+                      n_prior_scenes=n_prior_scenes, prior_scene_views=prior_scene_views,
+                      prior_scene_gaussians=prior_scene_gaussians, n_photo_crops=n_photo_crops)
+    train_imgs, held_imgs, corpus = training_images(repo_path("data", profile, "scenes"), n_textures, image_size, seed,
+                                                    n_prior_scenes, prior_scene_views, prior_scene_gaussians, n_photo_crops)
     train, held = to_pm1(train_imgs), to_pm1(held_imgs)
-    print(f"{len(train)} training images, {len(held)} held-out images, {tuple(train.shape[-2:])} px")
+    print(f"{len(train)} training images ({corpus['counts']}), {len(held)} held-out images, {tuple(train.shape[-2:])} px")
 
 # %% [markdown]
 # ## Train the autoencoder, then the transformer
@@ -160,16 +177,22 @@ if source == "train":
 # ## Quality gates, on what downstream stages load (the fp16 folder, read back)
 # - VAE round trip on held-out images: PSNR >= 28 dB and ST-LPIPS <= 0.10;
 # - one-step denoising at t0: encode a clean held-out image, noise it to $\sigma_{t_0}$, take
-#   $\hat x = x_{t_0} - \sigma_{t_0} v$, decode: within 1 dB of the round trip;
+#   $\hat x = x_{t_0} - \sigma_{t_0} v$, decode: within 2.5 dB of the round trip (re-planned from the
+#   denoising-ceiling benchmark: the first cpu prior was 4.55 dB below, larger models on its 232 images
+#   gained 0.8 dB before memorising);
 # - K-step img2img from t0 on compressed renders (training scenes' test views) must not make them
-#   worse on average (ST-LPIPS).
+#   worse on average (ST-LPIPS);
+# - no lattice: the periodic-artifact score (`nifi_utils.metrics.periodic_artifact`, 8-px lattice
+#   frequencies against their spectral neighbourhood) of one-step denoising and of img2img exceeds the
+#   clean images' by less than 0.05 (log10 power ratio). Also reported, not gated: the round trip's, and
+#   the decoder's on a latent off by white noise (does a small latent error become a block?).
 
 # %%
 if source == "train":
     prior = Restorer.from_pretrained(out_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     _, s0, _ = prior.schedule(t0)
-    rt, den = [], []
+    rt, den, nz = [], [], []
     with torch.no_grad():
         for i in range(0, len(held), 16):
             x = held[i:i + 16]
@@ -179,7 +202,9 @@ if source == "train":
             x_t = s0 * noise + (1 - s0) * z
             z0 = x_t - s0 * prior.velocity(x_t, t0)
             den.append(prior.decode(z0, x.shape[-2:]).clamp(-1, 1))
-    rt, den = torch.cat(rt) * 0.5 + 0.5, torch.cat(den) * 0.5 + 0.5
+            # the decoder alone: a latent off by white noise of 0.1 (scaled units), what does it draw?
+            nz.append(prior.decode(z + 0.1 * torch.randn(z.shape, generator=g), x.shape[-2:]).clamp(-1, 1))
+    rt, den, nz = torch.cat(rt) * 0.5 + 0.5, torch.cat(den) * 0.5 + 0.5, torch.cat(nz) * 0.5 + 0.5
     clean = held * 0.5 + 0.5
     vae_psnr = float(np.mean([psnr(a, b) for a, b in zip(rt[:, None], clean[:, None])]))
     vae_lp = float(stlpips(rt, clean).mean())
@@ -194,7 +219,11 @@ if source == "train":
     lp_in, lp_out = float(stlpips(lq, gt).mean()), float(stlpips(i2i, gt).mean())
     ps_in = float(np.mean([psnr(a, b) for a, b in zip(lq[:, None], gt[:, None])]))
     ps_out = float(np.mean([psnr(a, b) for a, b in zip(i2i[:, None], gt[:, None])]))
+    lattice = {name: float((periodic_artifact(ims) - periodic_artifact(ref)).mean())
+               for name, ims, ref in (("vae", rt, clean), ("denoise_t0", den, clean), ("decoder_noise", nz, clean),
+                                      ("img2img", i2i, gt), ("compressed", lq, gt))}
     gates = {
+        **{f"periodic_excess_{k}": v for k, v in lattice.items()},
         "vae_psnr_db": vae_psnr, "vae_stlpips_alex": vae_lp,
         "denoise_t0_psnr_db": den_psnr, "denoise_t0_stlpips_alex": den_lp, "denoise_gap_db": vae_psnr - den_psnr,
         "img2img_pairs": len(pairs), "img2img_steps": img2img_steps,
@@ -205,6 +234,8 @@ if source == "train":
         f"vae_stlpips_at_most_{gate_vae_stlpips}": vae_lp <= gate_vae_stlpips,
         f"denoise_within_{gate_denoise_gap_db}_db_of_vae": vae_psnr - den_psnr <= gate_denoise_gap_db,
         "img2img_not_worse_than_compressed": lp_out <= lp_in,
+        f"denoise_periodic_excess_below_{gate_periodic_excess}": lattice["denoise_t0"] < gate_periodic_excess,
+        f"img2img_periodic_excess_below_{gate_periodic_excess}": lattice["img2img"] < gate_periodic_excess,
     }
     for k, v in gates.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
@@ -225,7 +256,8 @@ if source == "train":
             xs = xs - (a - b) * prior.guided_velocity(xs, 1000 * a, guidance=3.0)
         samples = (prior.decode(xs, (image_size, image_size)) * 0.5 + 0.5).clamp(0, 1)
     n = min(4, len(held))
-    rows = [("held-out clean", clean[:n]), ("VAE round trip", rt[:n]), (f"one-step denoise t0={t0}", den[:n]),
+    rows = [("held-out clean", clean[:n]), ("VAE round trip", rt[:n]), ("decode(z + 0.1 noise)", nz[:n]),
+            (f"one-step denoise t0={t0}", den[:n]),
             ("compressed", lq[:n]), (f"img2img K={img2img_steps}", i2i[:n]), ("samples (CFG 3)", samples[:n])]
     fig, axes = plt.subplots(len(rows) + 1, n, figsize=(2.2 * n, 2.2 * (len(rows) + 1)))
     for r, (name, ims) in enumerate(rows):
@@ -250,15 +282,15 @@ if source == "train":
 # %% [markdown]
 # ## Report
 # At this size the prior is a good autoencoder and a competent low-noise denoiser; its samples from
-# pure noise are textures, not scenes (a 2 M-parameter transformer trained for an hour on a few hundred
-# images). NiFi only needs the low-noise end (t0 = 199) and the score differences along it.
+# pure noise are not scenes (a few-million-parameter transformer trained for under an hour on CPU).
+# NiFi only needs the low-noise end (t0 = 199) and the score differences along it.
 
 # %%
 if source == "train":
-    report = {"source": "train", "config": cfg.__dict__, "timings": timings, "n_params": n_params,
+    report = {"source": "train", "config": cfg.__dict__, "timings": timings, "n_params": n_params, "corpus": corpus,
               "folder_mb": size_mb, "n_train_images": len(train), "n_held_out": len(held), "gates": gates,
               "checks": checks, "gates_enforced": enforce_gates, "scaling_factor": prior.scaling_factor,
-              "loss_log": log[:: max(1, len(log) // 400)], "metric_backends": {k: METRIC_BACKENDS[k] for k in ("psnr", "stlpips_alex")},
+              "loss_log": log[:: max(1, len(log) // 400)], "metric_backends": {k: METRIC_BACKENDS[k] for k in ("psnr", "stlpips_alex", "periodic")},
               "seconds": round(time.time() - t_start, 1), "provenance": provenance(profile, seed, "cpu")}
     report_path.write_text(json.dumps(report, indent=1))
     if enforce_gates:

@@ -67,7 +67,7 @@ from PIL import Image
 
 from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
 from nifi_utils.distill import DistillConfig, Distiller, PairSet, config_dict
-from nifi_utils.metrics import METRIC_BACKENDS, stlpips
+from nifi_utils.metrics import METRIC_BACKENDS, periodic_artifact, stlpips
 from nifi_utils.restorer import Restorer
 
 out_dir = repo_path("data", profile, "restorer")
@@ -98,6 +98,7 @@ held_lq = torch.from_numpy(np.stack([h[1] for h in held])).permute(0, 3, 1, 2).f
 held_hq = torch.from_numpy(np.stack([h[2] for h in held])).permute(0, 3, 1, 2).float() / 255
 held_lv = np.array([h[0] for h in held])
 compressed_lp = stlpips(held_lq, held_hq).numpy()
+held_gt_periodic = periodic_artifact(held_hq)
 print({f"level{lv}": float(compressed_lp[held_lv == lv].mean()) for lv in levels}, "(compressed, ST-LPIPS)")
 
 
@@ -105,7 +106,10 @@ def evaluate(d: Distiller) -> dict:
     with torch.no_grad():
         out = torch.cat([d.r.restore(held_lq[i:i + 8], t0=d.cfg.t0, seed=seed) for i in range(0, len(held_lq), 8)])
     lp = stlpips(out, held_hq).numpy()
-    return {"heldout_stlpips": float(lp.mean()), **{f"heldout_stlpips_level{lv}": float(lp[held_lv == lv].mean()) for lv in levels}}
+    # the lattice a restorer paints, per step: its periodic-artifact score minus the ground truth's (0: none)
+    pa = float((periodic_artifact(out) - held_gt_periodic).mean())
+    return {"heldout_stlpips": float(lp.mean()), "heldout_periodic_excess": pa,
+            **{f"heldout_stlpips_level{lv}": float(lp[held_lv == lv].mean()) for lv in levels}}
 
 
 # %% [markdown]
@@ -120,7 +124,8 @@ base_cfg = dict(rank=rank, critic_rank=critic_rank, t0=t0, alpha=alpha, cfg_scal
                 lr_c=lr_c, weight_decay=weight_decay, grad_clip=grad_clip, steps=steps, batch=batch, crop=crop,
                 prompt_dropout=prompt_dropout, grad_accum=grad_accum, checkpoint_every=checkpoint_every,
                 eval_every=eval_every, mixed_precision=mixed_precision, seed=seed)
-VARIANTS = {"nifi": {}, "nifi_wo_t0": {"t0": None}, "nifi_no_tsd": {"tsd_weight": 0.0}}
+# the ablations: Table 1's w/o t0; without the distribution-matching term; without the perceptual term
+VARIANTS = {"nifi": {}, "nifi_wo_t0": {"t0": None}, "nifi_no_tsd": {"tsd_weight": 0.0}, "nifi_no_perc": {"perceptual_weight": 0.0}}
 results, curves = {}, []
 for name in variants:
     cfg = DistillConfig(**{**base_cfg, **VARIANTS[name]})
@@ -146,19 +151,22 @@ for name in variants:
 shutil.rmtree(ckpt_root, ignore_errors=True)  # finished: checkpoints are no longer needed
 
 # %% [markdown]
-# ## Curves: every loss term and the held-out ST-LPIPS
+# ## Curves: every loss term, the held-out ST-LPIPS and the lattice the restorer paints
+# The last panel is the periodic-artifact score of the restored held-out views minus their ground
+# truth's, per evaluation step: it shows when in training a lattice appears and which loss term brings it.
 
 # %%
 cdf = pd.DataFrame(curves)
 cdf.to_csv(curves_path, index=False)
-fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+fig, axes = plt.subplots(1, 5, figsize=(20, 3.2))
 for name, g in cdf.groupby("variant"):
-    for ax, col in zip(axes, ["loss_g", "l_kl", "loss_c", "heldout_stlpips"]):
+    for ax, col in zip(axes, ["loss_g", "l_kl", "loss_c", "heldout_stlpips", "heldout_periodic_excess"]):
         if col in g and g[col].notna().any():
             s = g[["step", col]].dropna()
-            ax.plot(s["step"], s[col].rolling(5, min_periods=1).mean() if col != "heldout_stlpips" else s[col],
-                    label=name, marker="o" if col == "heldout_stlpips" else None, ms=3)
-for ax, col in zip(axes, ["generator loss", "TSD term L_KL", "critic loss", "held-out ST-LPIPS"]):
+            ax.plot(s["step"], s[col].rolling(5, min_periods=1).mean() if not col.startswith("heldout") else s[col],
+                    label=name, marker="o" if col.startswith("heldout") else None, ms=3)
+for ax, col in zip(axes, ["generator loss", "TSD term L_KL", "critic loss", "held-out ST-LPIPS",
+                          "held-out periodic-artifact excess over GT"]):
     ax.set_title(col, fontsize=9), ax.set_xlabel("step", fontsize=8), ax.legend(fontsize=7)
 axes[3].axhline(float(compressed_lp.mean()), color="k", ls="--", lw=1, label="compressed")
 fig.tight_layout()
@@ -201,7 +209,7 @@ for k, v in checks.items():
     print(f"{'PASS' if v else 'FAIL'}  {k}")
 report = {"variants": results, "compressed_heldout_stlpips": {f"level{lv}": float(compressed_lp[held_lv == lv].mean()) for lv in levels},
           "checks": checks, "n_pairs": len(pairs.lq), "n_heldout": len(held), "base_model": base_model,
-          "metric_backends": {"stlpips_alex": METRIC_BACKENDS["stlpips_alex"]},
+          "metric_backends": {k: METRIC_BACKENDS[k] for k in ("stlpips_alex", "periodic")},
           "peak_rss_gb": __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20,
           "seconds": round(time.time() - t_start, 1), "provenance": provenance(profile, seed, device)}
 report_path.write_text(json.dumps(report, indent=1, default=str))

@@ -81,8 +81,8 @@ print(f"device {dev}; evaluation scenes: {eval_scenes}")
 
 # %% [markdown]
 # ## No leakage: evaluation scenes and their photographs were never trained on
-# The restorer trained on pairs of *training* scenes; the prior on training scenes and training
-# photographs. Evaluation scenes come from a separate seed stream and a fixed photo split. We assert it
+# The restorer trained on pairs of *training* scenes; the prior on training scenes, scenes rendered for
+# it alone (their own seed stream) and training photographs (its corpus is listed in `prior.json`). Evaluation scenes come from a separate seed stream and a fixed photo split. We assert it
 # here on the data itself: pair folders belong to training scenes only, seeds and layouts differ, and no
 # evaluation ground-truth image is byte-identical to a training image.
 
@@ -100,10 +100,16 @@ def digest(p):
     return hashlib.sha1(B.load_rgb(p).tobytes()).hexdigest()
 
 
+# the prior's own corpus (cpu/tiny: scenes rendered for it alone, photo crops): never an evaluation scene or photo
+corpus = json.loads(repo_path("reports", profile, "prior.json").read_text()).get("corpus", {})
+prior_layouts = {(c.get("seed"), c.get("layout_id")) for c in corpus.get("scenes", []) + corpus.get("prior_scenes", [])}
+assert not any((scene_meta[s].get("seed"), scene_meta[s].get("layout_id")) in prior_layouts for s in eval_scenes), \
+    "an evaluation scene is in the prior's training corpus"
+assert not set(corpus.get("photos", [])) & set(EVAL_PHOTOS), "the prior trained on an evaluation photograph"
 train_hashes = {digest(p) for p in (data / "pairs").glob("*/clean/*.png")}
 eval_hashes = {digest(p) for s in eval_scenes for p in (data / "renders" / s / "gt").glob("*.png")}
 assert not train_hashes & eval_hashes, "an evaluation ground-truth image is also a training image"
-print(f"no leakage: {len(pair_scenes)} training scenes, {len(eval_scenes)} evaluation scenes, "
+print(f"no leakage: {len(pair_scenes)} training scenes, {len(prior_layouts)} prior-corpus scenes, {len(eval_scenes)} evaluation scenes, "
       f"{len(train_hashes)} training / {len(eval_hashes)} evaluation images, photo split {len(TRAIN_PHOTOS)}/{len(EVAL_PHOTOS)}")
 
 # %% [markdown]

@@ -88,3 +88,31 @@ def test_training_sigmas_mix_the_shifted_logit_normal_with_the_low_noise_range()
     assert low.min() >= 0 and low.max() <= 0.3 and low.std() > 0.05  # spread over the range, not a constant
     below = [float((s < 0.25).float().mean()) for s in (plain, mixed, low)]
     assert below[0] < 0.05 and 0.35 < below[1] < 0.5 and below[2] > 0.8  # the mixture puts its share where t0 is
+
+
+def test_overlapping_autoencoder_starts_as_patch_pca_and_reaches_its_neighbours():
+    x = _images(seed=2)
+    cm, basis = fit_patch_pca(x, 4, 16)
+    cls = patch_autoencoder_class()
+    plain = cls(latent_channels=16, patch=4, hidden=8, pixel_hidden=4).set_pca(cm, basis)
+    lapped = cls(latent_channels=16, patch=4, hidden=8, pixel_hidden=4, overlap=2, n_res_pixel=3).set_pca(cm, basis)
+    with torch.no_grad():
+        assert torch.allclose(plain(x).sample, lapped(x).sample, atol=1e-5)
+        # with trained (here: random) border taps, one latent's footprint is its patch plus 2 px on every side
+        lapped.decoder.conv_out.weight.normal_()
+        z = torch.zeros(1, 16, 6, 6)
+        d = lapped.decoder.conv_out(z + torch.nn.functional.pad(torch.ones(1, 16, 1, 1), (2, 3, 2, 3)))
+        d0 = lapped.decoder.conv_out(z)
+        rows, cols = torch.nonzero((d - d0).abs().sum((0, 1)) > 1e-6, as_tuple=True)
+        assert (int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())) == (6, 13, 6, 13)
+
+
+def test_training_with_latent_noise_runs_and_logs_it():
+    cfg = PriorConfig(vae_steps=3, dit_steps=2, vae_hidden=8, vae_pixel_hidden=4, dit_layers=1, dit_heads=2,
+                      dit_head_dim=8, text_dim=16, caption_dim=16, pooled_dim=8, text_len=4, image_size=32, vae_crop=16,
+                      vae_batch=2, dit_batch=2, augment_copies=1, vae_lambda_stlpips=0.0, vae_overlap=2, vae_res_pixel=2,
+                      vae_latent_noise=0.3)
+    r, log, _ = build_prior(_images(), cfg, seed=0, dit_time_budget_s=60)
+    vae = [e for e in log if e["phase"] == "vae"]
+    assert len(vae) == 3 and all(np.isfinite(e["noisy_l1"]) for e in vae)
+    assert r.vae.config.overlap == 2
