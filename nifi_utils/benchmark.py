@@ -132,12 +132,16 @@ def as_chw(img) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- inputs
-def list_test_views(renders_dir: Path) -> list[str]:
-    """The test-view file names of a scene (its ground-truth folder)."""
+def list_test_views(renders_dir: Path, max_views: int = 0) -> list[str]:
+    """The test-view file names of a scene (its ground-truth folder); the first `max_views` of them (0: all).
+    Asking for more views than the scene has is an error, never a silently smaller sample."""
     views = sorted(p.name for p in (renders_dir / "gt").glob("*.png"))
     if not views:
         raise NifiError(f"no ground-truth test views in {renders_dir / 'gt'} (run the synthesis stage)")
-    return views
+    if max_views < 0 or max_views > len(views):
+        raise NifiError(f"max_views = {max_views}, but {renders_dir.name} has {len(views)} test views "
+                        f"(use 0 for all, or generate more views: scenes.<profile>.n_views_eval)")
+    return views[: max_views or None]
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -266,3 +270,177 @@ def check_targets(df, key: str = "stlpips_alex", gain: float = 0.35, ssim_drop: 
                 lines.append(f"{r}: {m} periodic-artifact excess over GT {e:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                              f"(target: upper bound < {periodic_margin})")
     return checks, lines
+
+
+# ---------------------------------------------------------------------- the stage's steps (one call each)
+def assert_no_leakage(data: Path, scene_meta: dict, eval_scenes: list[str], corpus: dict) -> str:
+    """Assert on the data that nothing of the evaluation scenes was trained on: pair folders belong to training
+    scenes, evaluation seeds/layouts are neither training scenes' nor the prior corpus's, the photo split is
+    disjoint, and no evaluation ground-truth image is byte-identical to a training image. Returns a summary."""
+    import hashlib
+
+    from .scenes import EVAL_PHOTOS, TRAIN_PHOTOS
+
+    def digest(p):
+        return hashlib.sha1(load_rgb(p).tobytes()).hexdigest()
+
+    def layout(s):
+        return scene_meta[s].get("seed"), scene_meta[s].get("layout_id")
+
+    if set(EVAL_PHOTOS) & set(TRAIN_PHOTOS):
+        raise NifiError("evaluation and training photographs overlap")
+    pair_scenes = sorted(p.name for p in (data / "pairs").iterdir() if p.is_dir())
+    if not all(scene_meta[s].get("split") == "train" for s in pair_scenes) or set(pair_scenes) & set(eval_scenes):
+        raise NifiError("a distillation pair comes from a non-training scene")
+    procedural = [s for s in eval_scenes if scene_meta[s].get("source") == "procedural"]
+    train_layouts = {layout(s) for s in scene_meta if s not in eval_scenes}
+    if any(layout(s) in train_layouts for s in procedural):
+        raise NifiError("an evaluation layout repeats a training one")
+    prior_layouts = {(c.get("seed"), c.get("layout_id")) for c in corpus.get("scenes", []) + corpus.get("prior_scenes", [])}
+    if any(layout(s) in prior_layouts for s in procedural):
+        raise NifiError("an evaluation scene is in the prior's training corpus")
+    if set(corpus.get("photos", [])) & set(EVAL_PHOTOS):
+        raise NifiError("the prior trained on an evaluation photograph")
+    train_hashes = {digest(p) for p in (data / "pairs").glob("*/clean/*.png")}
+    eval_hashes = {digest(p) for s in eval_scenes for p in (data / "renders" / s / "gt").glob("*.png")}
+    if train_hashes & eval_hashes:
+        raise NifiError("an evaluation ground-truth image is also a training image")
+    return (f"no leakage: {len(pair_scenes)} training scenes, {len(prior_layouts)} prior-corpus scenes, {len(eval_scenes)} "
+            f"evaluation scenes, {len(train_hashes)} training / {len(eval_hashes)} evaluation images, photo split "
+            f"{len(TRAIN_PHOTOS)}/{len(EVAL_PHOTOS)}")
+
+
+def benchmark_inputs(data: Path, eval_scenes: list[str], records: dict, synthesis: dict) -> list[dict]:
+    """Every (scene, codec, rate) to restore: our codec's levels and the external codecs' renders."""
+    inputs = []
+    for s in eval_scenes:
+        rec = records[s]
+        for lv in rec["levels"]:
+            inputs.append({"scene": s, "codec": OUR_CODEC, "rate": f"level{lv['level']}", "bytes": lv["bytes"],
+                           "folder": data / "renders" / s / f"level{lv['level']}", "ply_bytes": rec["ply_bytes"]})
+        for e in synthesis.get("external", []):
+            if e["scene"] == s:
+                inputs.append({"scene": s, "codec": e["name"], "rate": e["rate"], "bytes": e["bytes"],
+                               "folder": data / e["folder"], "ply_bytes": rec["ply_bytes"]})
+    return inputs
+
+
+def _timed(fn, im: np.ndarray, device: torch.device) -> tuple[torch.Tensor, float]:
+    import time
+
+    x = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    y = fn(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return y[0].cpu(), 1000 * (time.perf_counter() - t)
+
+
+def run_methods(methods: list[str], lq: dict, views: dict, out_img: Path, device: torch.device, base_model: Path,
+                restorer_dir: Path, variant_cfg: dict, t0: float, img2img_steps: int, img2img_guidance: float,
+                tile: int | None, seed: int) -> dict:
+    """Restore every input with every method, one image at a time (the latency a user sees), saving PNGs.
+
+    `lq`: (scene, codec, rate) -> uint8 images. Returns (method, scene, codec, rate) -> (uint8 images as saved,
+    ms per image). `compressed` is the input itself; BM3D's C core is single-threaded, so its images are
+    spread over processes; NiFi variants use the t0 and latent mode they were trained with (`variant_cfg`)."""
+    import os
+
+    from .common import progress
+    from .restorer import Restorer
+
+    keys = list(lq)
+    outputs = {("compressed", *k): (lq[k], [0.0] * len(lq[k])) for k in keys}
+    if "bm3d" in methods:
+        flat = [(k, i) for k in keys for i in range(len(lq[k]))]
+        for (k, i), (im, _sigma, sec) in zip(flat, bm3d_many([lq[k][i] / 255.0 for k, i in flat], workers=os.cpu_count() or 1)):
+            ims, ms = outputs.setdefault(("bm3d", *k), ([], []))
+            ims.append(save_rgb(im, out_img / "bm3d" / k[0] / k[2] / views[k[0]][i]))
+            ms.append(1000 * sec)
+    for m in [m for m in methods if m == "img2img" or m in NIFI_VARIANTS]:
+        r = Restorer.from_pretrained(base_model, device=device)
+        if m == "img2img":
+            def fn(x):
+                return r.img2img(x, t0=t0, steps=img2img_steps, guidance=img2img_guidance, seed=seed, tile=tile)
+        else:
+            ckpt = restorer_dir / f"{m}.pt"
+            if not ckpt.is_file():
+                raise NifiError(f"restorer checkpoint {ckpt} missing: run the distill stage (variants in params.yaml)")
+            r.load_lora(ckpt)
+            c = variant_cfg[m]
+
+            def fn(x, c=c):
+                return r.restore(x, t0=c["t0"], seed=seed, tile=tile, sample=c["latent"] == "sample")
+        _timed(fn, lq[keys[0]][0], device)  # warm-up (allocations, kernels) is not part of the timing
+        for k in progress(keys, desc=m):
+            ims, ms = [], []
+            for v, im in zip(views[k[0]], lq[k]):
+                y, t_ms = _timed(fn, im, device)
+                ims.append(save_rgb(y, out_img / m / k[0] / k[2] / v))
+                ms.append(t_ms)
+            outputs[(m, *k)] = (ims, ms)
+    return outputs
+
+
+def consistency_figure(meter: "ConsistencyMeter", gt_ims: list, outputs: dict, views: list[str], methods: list[str],
+                       scene: str, title: str):
+    """One co-visible view pair: each method's view i and |view i - warp(view j)| on co-visible pixels."""
+    import matplotlib.pyplot as plt
+
+    if meter is None or not meter.pairs:
+        fig = plt.figure(figsize=(3, 1))
+        fig.text(0.1, 0.5, "consistency disabled or no co-visible pairs")
+        return fig
+    (i, j), (grid, valid) = next(iter(meter.pairs.items()))
+    rate = sorted({k[3] for k in outputs if k[1] == scene and k[2] == OUR_CODEC})[0]
+    shown = [("ground truth", gt_ims)] + [(m, outputs[(m, scene, OUR_CODEC, rate)][0]) for m in ["compressed", *methods]
+                                          if (m, scene, OUR_CODEC, rate) in outputs]
+    fig, axes = plt.subplots(2, len(shown), figsize=(2.2 * len(shown), 4.6), squeeze=False)
+    for c, (name, ims) in enumerate(shown):
+        a, b = as_chw(ims[i]), as_chw(ims[j])
+        err = (a - F.grid_sample(b[None], grid, align_corners=False)[0]).abs().mean(0) * valid
+        axes[0, c].imshow(ims[i]), axes[0, c].set_title(f"{name}\nview {views[i]}", fontsize=7)
+        axes[1, c].imshow(err, cmap="magma", vmin=0, vmax=0.25)
+        axes[1, c].set_title(f"|view i - warp(view j)|\nmean {float(err[valid].mean()):.4f}", fontsize=7)
+        for ax in axes[:, c]:
+            ax.axis("off")
+    fig.suptitle(f"{title}: {scene}, {rate}, views {views[i]} <- {views[j]}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def consistency_meters(data: Path, eval_scenes: list[str], views: dict, gt: dict, device, depth_tol: float) -> dict:
+    """Per evaluation scene, a ConsistencyMeter over its test views (uncompressed scene's depth, occlusion test)."""
+    from .cameras import read_transforms
+    from .gaussians import read_ply
+
+    meters = {}
+    for s in eval_scenes:
+        cams = read_transforms(data / "scenes" / s / "transforms.json")
+        names = [Path(p).stem + ".png" for p in cams.file_paths]  # the synthesis stage names renders this way
+        scene = read_ply(data / "scenes" / s / "point_cloud.ply").to(device)
+        geom = render_geometry(scene, [cams[names.index(v)] for v in views[s]])
+        meters[s] = ConsistencyMeter(geom, gt[s], depth_tol)
+    return meters
+
+
+def score_all(outputs: dict, inputs: list[dict], gt: dict, views: dict, unc: dict, records: dict, metrics: list[str],
+              meters: dict, device: str):
+    """benchmark.csv as a DataFrame: the uncompressed 3DGS reference rows, then every (method, input) image."""
+    import pandas as pd
+
+    from .common import progress
+
+    rows = []
+    for s in unc:
+        rows += score_rows("3dgs", s, "uncompressed", "uncompressed", unc[s], gt[s], views[s], [float("nan")] * len(unc[s]),
+                           records[s]["ply_bytes"], records[s]["ply_bytes"], metrics, meters.get(s), device)
+    by_key = {(i["scene"], i["codec"], i["rate"]): i for i in inputs}
+    for (m, s, codec, rate), (ims, ms) in progress(list(outputs.items()), desc="metrics"):
+        i = by_key[(s, codec, rate)]
+        rows += score_rows(m, s, codec, rate, ims, gt[s], views[s], ms, i["bytes"], i["ply_bytes"], metrics, meters.get(s), device)
+    order = {m: n for n, m in enumerate(METHOD_ORDER)}
+    return pd.DataFrame(rows).sort_values(["codec", "rate", "method", "scene", "view"],
+                                          key=lambda c: c.map(order).fillna(99) if c.name == "method" else c)

@@ -30,6 +30,7 @@ source = "procedural"
 n_train = 1
 n_eval = 1
 n_views = 16
+n_views_eval = 16
 width = 48
 height = 48
 n_gaussians = 6000
@@ -65,7 +66,9 @@ records = []
 if source == "procedural":
     train_seeds, eval_seeds = scene_seeds(seed, n_train, n_eval)
     specs = [SceneSpec(f"train_{i:02d}", s, "train", n_gaussians, n_views, width, height) for i, s in enumerate(train_seeds)]
-    specs += [SceneSpec(f"eval_{i:02d}", s, "eval", n_gaussians, n_views, width, height) for i, s in enumerate(eval_seeds)]
+    # evaluation scenes may orbit with more views than training scenes: more held-out test views (idx % 8 == 0)
+    specs += [SceneSpec(f"eval_{i:02d}", s, "eval", n_gaussians, n_views_eval or n_views, width, height)
+              for i, s in enumerate(eval_seeds)]
     for spec in progress(specs, desc="scenes"):
         scene, cams = generate_scene(spec)
         images = render_views(scene.to(device), cams, supersample=gt_supersample, desc=spec.name)

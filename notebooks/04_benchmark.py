@@ -40,38 +40,25 @@ device = "auto"
 external_restorers = []
 
 # %%
-import hashlib
 import importlib.metadata as md
 import json
-import os
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
-import torch
 
 from nifi_utils import benchmark as B
-from nifi_utils.cameras import read_transforms
-from nifi_utils.common import pick_device, progress, provenance, repo_path, seed_everything
-from nifi_utils.gaussians import read_ply
-from nifi_utils.metrics import METRIC_BACKENDS, image_metrics, metric_available
-from nifi_utils.restorer import Restorer
-from nifi_utils.scenes import EVAL_PHOTOS, TRAIN_PHOTOS
+from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
+from nifi_utils.metrics import METRIC_BACKENDS, metric_available
 
 t_start = time.time()
 seed_everything(seed)
 dev = pick_device(device)
 data = repo_path("data", profile)
-out_img = data / "benchmark"
-csv_path = repo_path("reports", profile, "benchmark.csv")
-metrics_path = repo_path("reports", profile, "metrics.json")
-fig_path = repo_path("reports", profile, "figures", "consistency.png")
-fig_path.parent.mkdir(parents=True, exist_ok=True)
 records = {r["scene"]: r for r in (json.loads(p.read_text()) for p in sorted((data / "records").glob("*.json")))}
 synthesis = json.loads(repo_path("reports", profile, "synthesis.json").read_text())
 distill = json.loads(repo_path("reports", profile, "distill.json").read_text())
+prior_report = json.loads(repo_path("reports", profile, "prior.json").read_text())
 scene_meta = {d.name: json.loads((d / "transforms.json").read_text()) for d in sorted((data / "scenes").iterdir()) if d.is_dir()}
 eval_scenes = [s for s, m in scene_meta.items() if m.get("split", "eval") == "eval"]
 assert eval_scenes, f"no evaluation scenes under {data / 'scenes'}"
@@ -82,35 +69,13 @@ print(f"device {dev}; evaluation scenes: {eval_scenes}")
 # %% [markdown]
 # ## No leakage: evaluation scenes and their photographs were never trained on
 # The restorer trained on pairs of *training* scenes; the prior on training scenes, scenes rendered for
-# it alone (their own seed stream) and training photographs (its corpus is listed in `prior.json`). Evaluation scenes come from a separate seed stream and a fixed photo split. We assert it
-# here on the data itself: pair folders belong to training scenes only, seeds and layouts differ, and no
+# it alone (their own seed stream) and training photographs (its corpus is listed in `prior.json`).
+# Evaluation scenes come from a separate seed stream and a fixed photo split. `B.assert_no_leakage`
+# checks it on the data itself: pair folders, seeds and layouts, the prior's corpus, and that no
 # evaluation ground-truth image is byte-identical to a training image.
 
 # %%
-assert not set(EVAL_PHOTOS) & set(TRAIN_PHOTOS), "evaluation and training photographs overlap"
-pair_scenes = sorted(p.name for p in (data / "pairs").iterdir() if p.is_dir())
-assert all(scene_meta[s].get("split") == "train" for s in pair_scenes), "a distillation pair comes from a non-training scene"
-assert not set(pair_scenes) & set(eval_scenes), "evaluation scenes among the training pairs"
-train_ids = {(m.get("seed"), m.get("layout_id")) for s, m in scene_meta.items() if s not in eval_scenes}
-assert all((scene_meta[s].get("seed"), scene_meta[s].get("layout_id")) not in train_ids
-           for s in eval_scenes if scene_meta[s].get("source") == "procedural"), "an evaluation layout repeats a training one"
-
-
-def digest(p):
-    return hashlib.sha1(B.load_rgb(p).tobytes()).hexdigest()
-
-
-# the prior's own corpus (cpu/tiny: scenes rendered for it alone, photo crops): never an evaluation scene or photo
-corpus = json.loads(repo_path("reports", profile, "prior.json").read_text()).get("corpus", {})
-prior_layouts = {(c.get("seed"), c.get("layout_id")) for c in corpus.get("scenes", []) + corpus.get("prior_scenes", [])}
-assert not any((scene_meta[s].get("seed"), scene_meta[s].get("layout_id")) in prior_layouts for s in eval_scenes), \
-    "an evaluation scene is in the prior's training corpus"
-assert not set(corpus.get("photos", [])) & set(EVAL_PHOTOS), "the prior trained on an evaluation photograph"
-train_hashes = {digest(p) for p in (data / "pairs").glob("*/clean/*.png")}
-eval_hashes = {digest(p) for s in eval_scenes for p in (data / "renders" / s / "gt").glob("*.png")}
-assert not train_hashes & eval_hashes, "an evaluation ground-truth image is also a training image"
-print(f"no leakage: {len(pair_scenes)} training scenes, {len(prior_layouts)} prior-corpus scenes, {len(eval_scenes)} evaluation scenes, "
-      f"{len(train_hashes)} training / {len(eval_hashes)} evaluation images, photo split {len(TRAIN_PHOTOS)}/{len(EVAL_PHOTOS)}")
+print(B.assert_no_leakage(data, scene_meta, eval_scenes, prior_report.get("corpus", {})))
 
 # %% [markdown]
 # ## Inputs: the compressed test renders at every rate
@@ -118,17 +83,8 @@ print(f"no leakage: {len(pair_scenes)} training scenes, {len(prior_layouts)} pri
 # synthesis stage. Sizes are the bitstream byte counts; MB = 10^6 bytes.
 
 # %%
-inputs = []
-for s in eval_scenes:
-    rec = records[s]
-    for lv in rec["levels"]:
-        inputs.append({"scene": s, "codec": B.OUR_CODEC, "rate": f"level{lv['level']}", "bytes": lv["bytes"],
-                       "folder": data / "renders" / s / f"level{lv['level']}", "ply_bytes": rec["ply_bytes"]})
-    for e in synthesis.get("external", []):
-        if e["scene"] == s:
-            inputs.append({"scene": s, "codec": e["name"], "rate": e["rate"], "bytes": e["bytes"],
-                           "folder": data / e["folder"], "ply_bytes": rec["ply_bytes"]})
-views = {s: B.list_test_views(data / "renders" / s)[: (max_views or None)] for s in eval_scenes}
+inputs = B.benchmark_inputs(data, eval_scenes, records, synthesis)
+views = {s: B.list_test_views(data / "renders" / s, max_views) for s in eval_scenes}
 gt = {s: [B.load_rgb(data / "renders" / s / "gt" / v) for v in views[s]] for s in eval_scenes}
 lq = {(i["scene"], i["codec"], i["rate"]): [B.load_rgb(i["folder"] / v) for v in views[i["scene"]]] for i in inputs}
 active = [m for m in metrics if metric_available(m)]
@@ -145,58 +101,14 @@ print(f"{len(inputs)} (scene, codec, rate) inputs x {len(next(iter(views.values(
 # BM3D's C core is single-threaded: its images are spread over the cores.
 
 # %%
-def sync():
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, im):
-    x = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255
-    sync()
-    t = time.perf_counter()
-    y = fn(x)
-    sync()
-    return y[0].cpu(), 1000 * (time.perf_counter() - t)
-
-
-outputs = {}  # (method, scene, codec, rate) -> (list of uint8 images, list of ms)
-keys = list(lq)
-for k in keys:
-    outputs[("compressed", *k)] = (lq[k], [0.0] * len(lq[k]))
-if "bm3d" in methods:
-    flat = [(k, i) for k in keys for i in range(len(lq[k]))]
-    res = B.bm3d_many([lq[k][i] / 255.0 for k, i in flat], workers=os.cpu_count() or 1)
-    for (k, i), (im, sigma, sec) in zip(flat, res):
-        outputs.setdefault(("bm3d", *k), ([], []))
-        outputs[("bm3d", *k)][0].append(B.save_rgb(im, out_img / "bm3d" / k[0] / k[2] / views[k[0]][i]))
-        outputs[("bm3d", *k)][1].append(1000 * sec)
-    print(f"bm3d: {len(flat)} images, estimated noise sigma {np.mean([r[1] for r in res]) * 255:.2f}/255 on average")
-diffusion = [m for m in methods if m == "img2img" or m in B.NIFI_VARIANTS]
-variant_cfg = {v: distill["variants"][v]["config"] for v in diffusion if v in B.NIFI_VARIANTS}
-missing = [v for v in B.NIFI_VARIANTS if v in diffusion and not repo_path("data", profile, "restorer", f"{v}.pt").is_file()]
-assert not missing, f"restorer checkpoints missing for {missing}: run the distill stage (variants in params.yaml)"
-for m in diffusion:
-    r = Restorer.from_pretrained(repo_path(base_model), device=dev)
-    if m == "img2img":
-        fn = lambda x: r.img2img(x, t0=t0, steps=img2img_steps, guidance=img2img_guidance, seed=seed, tile=tile or None)  # noqa: E731
-    else:
-        r.load_lora(repo_path("data", profile, "restorer", f"{m}.pt"))
-        c = variant_cfg[m]
-        fn = lambda x, c=c: r.restore(x, t0=c["t0"], seed=seed, tile=tile or None, sample=c["latent"] == "sample")  # noqa: E731
-    timed(fn, lq[keys[0]][0])  # warm-up (allocations, kernels) is not part of the timing
-    for k in progress(keys, desc=m):
-        ims, ms = [], []
-        for v, im in zip(views[k[0]], lq[k]):
-            y, t_ms = timed(fn, im)
-            ims.append(B.save_rgb(y, out_img / m / k[0] / k[2] / v))
-            ms.append(t_ms)
-        outputs[(m, *k)] = (ims, ms)
-    del r
-for e in external_restorers:
-    k = next((k for k in keys if k[0] == e["scene"] and k[2] == e["rate"]), None)
+variant_cfg = {v: distill["variants"][v]["config"] for v in methods if v in B.NIFI_VARIANTS}
+outputs = B.run_methods(methods, lq, views, data / "benchmark", dev, repo_path(base_model), data / "restorer", variant_cfg,
+                        t0, img2img_steps, img2img_guidance, tile or None, seed)
+for e in external_restorers:  # other tools' restored images of the same inputs
+    k = next((k for k in lq if k[0] == e["scene"] and k[2] == e["rate"]), None)
     assert k is not None, f"external restorer {e.get('name')}: no input for scene {e.get('scene')!r} rate {e.get('rate')!r}"
     ims = B.external_restorer_images({**e, "folder": repo_path(e["folder"])}, views[k[0]], gt[k[0]][0].shape)
-    outputs[(f"external_{e['name']}", *k)] = ([B.save_rgb(im, out_img / f"external_{e['name']}" / k[0] / k[2] / v)
+    outputs[(f"external_{e['name']}", *k)] = ([B.save_rgb(im, data / "benchmark" / f"external_{e['name']}" / k[0] / k[2] / v)
                                               for v, im in zip(views[k[0]], ims)], [float("nan")] * len(ims))
 print(f"methods done in {time.time() - t_start:.0f} s")
 
@@ -206,30 +118,14 @@ print(f"methods done in {time.time() - t_start:.0f} s")
 # scene; every method's images are warped through the same ones.
 
 # %%
-meters, unc = {}, {}
-for s in eval_scenes:
-    cams = read_transforms(data / "scenes" / s / "transforms.json")
-    names = [Path(p).stem + ".png" for p in cams.file_paths]  # the synthesis stage names renders this way
-    unc[s] = [B.load_rgb(data / "renders" / s / "uncompressed" / v) for v in views[s]]
-    if consistency:
-        scene = read_ply(data / "scenes" / s / "point_cloud.ply").to(dev)
-        geom = B.render_geometry(scene, [cams[names.index(v)] for v in views[s]])
-        meters[s] = B.ConsistencyMeter(geom, gt[s], consistency_depth_tol)
-        print(f"{s}: {len(meters[s].pairs)} co-visible view pairs, {100 * meters[s].covisible_fraction():.0f}% of pixels; "
-              f"ground-truth warp error {np.nanmean(meters[s].gt_error):.4f}")
-
-rows = []
-for s in eval_scenes:
-    rows += B.score_rows("3dgs", s, "uncompressed", "uncompressed", unc[s], gt[s], views[s], [float("nan")] * len(unc[s]),
-                         records[s]["ply_bytes"], records[s]["ply_bytes"], active, meters.get(s), str(dev))
-for (m, s, codec, rate), (ims, ms) in progress(list(outputs.items()), desc="metrics"):
-    i = next(i for i in inputs if (i["scene"], i["codec"], i["rate"]) == (s, codec, rate))
-    rows += B.score_rows(m, s, codec, rate, ims, gt[s], views[s], ms, i["bytes"], i["ply_bytes"], active, meters.get(s), str(dev))
-df = pd.DataFrame(rows)
-order = {m: n for n, m in enumerate(B.METHOD_ORDER)}
-df = df.sort_values(["codec", "rate", "method", "scene", "view"], key=lambda c: c.map(order).fillna(99) if c.name == "method" else c)
-df.to_csv(csv_path, index=False)
-print(f"{len(df)} rows -> {csv_path.relative_to(repo_path())}")
+unc = {s: [B.load_rgb(data / "renders" / s / "uncompressed" / v) for v in views[s]] for s in eval_scenes}
+meters = B.consistency_meters(data, eval_scenes, views, gt, dev, consistency_depth_tol) if consistency else {}
+for s, mt in meters.items():
+    print(f"{s}: {len(mt.pairs)} co-visible view pairs, {100 * mt.covisible_fraction():.0f}% of pixels; "
+          f"ground-truth warp error {np.nanmean(mt.gt_error):.4f}")
+df = B.score_all(outputs, inputs, gt, views, unc, records, active, meters, str(dev))
+df.to_csv(repo_path("reports", profile, "benchmark.csv"), index=False)
+print(f"{len(df)} rows -> reports/{profile}/benchmark.csv")
 
 # %% [markdown]
 # ## Means per method and rate, with 95 % intervals
@@ -256,28 +152,10 @@ for m, by_rate in nested.items():
 # explains. The score divides each method's mean error by ground truth's.
 
 # %%
-if consistency and meters[eval_scenes[0]].pairs:
-    s = eval_scenes[0]
-    (i, j), (grid, valid) = next(iter(meters[s].pairs.items()))
-    rate = sorted({k[3] for k in outputs if k[1] == s and k[2] == B.OUR_CODEC})[0]
-    shown = [("ground truth", gt[s])] + [(m, outputs[(m, s, B.OUR_CODEC, rate)][0]) for m in ["compressed", *methods]
-                                         if (m, s, B.OUR_CODEC, rate) in outputs]
-    fig, axes = plt.subplots(2, len(shown), figsize=(2.2 * len(shown), 4.6), squeeze=False)
-    for c, (name, ims) in enumerate(shown):
-        a, b = B.as_chw(ims[i]), B.as_chw(ims[j])
-        warped = torch.nn.functional.grid_sample(b[None], grid, align_corners=False)[0]
-        err = (a - warped).abs().mean(0) * valid
-        axes[0, c].imshow(ims[i]), axes[0, c].set_title(f"{name}\nview {views[s][i]}", fontsize=7)
-        axes[1, c].imshow(err, cmap="magma", vmin=0, vmax=0.25)
-        axes[1, c].set_title(f"|view i - warp(view j)|\nmean {float(err[valid].mean()):.4f}", fontsize=7)
-        for ax in axes[:, c]:
-            ax.axis("off")
-    fig.suptitle(f"{profile}: {s}, {rate}, views {views[s][i]} <- {views[s][j]}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_path, dpi=110)
-    plt.show()
-else:
-    fig = plt.figure(figsize=(3, 1)); fig.text(0.1, 0.5, "consistency disabled or no co-visible pairs"); fig.savefig(fig_path)
+fig = B.consistency_figure(meters.get(eval_scenes[0]), gt[eval_scenes[0]], outputs, views[eval_scenes[0]], methods,
+                           eval_scenes[0], profile)
+fig.savefig(repo_path("reports", profile, "figures", "consistency.png"), dpi=110)
+plt.show()
 
 # %% [markdown]
 # ## Targets (`cpu` profile), decided on the intervals
@@ -302,7 +180,7 @@ for k, v in checks.items():
 print("ms per image: " + ", ".join(f"{m} {t:.1f}" for m, t in timing.items()) + f"  (img2img: K = {img2img_steps})")
 missed = [k for k, v in checks.items() if not v]
 if missed:
-    gates = json.loads(repo_path("reports", profile, "prior.json").read_text()).get("gates", {})
+    gates = prior_report.get("gates", {})
     print(f"\nTARGETS MISSED ({len(missed)} of {len(checks)}): {', '.join(missed)}.")
     if "denoise_gap_db" in gates:
         print(f"The prior bounds every diffusion restorer: its one-step denoising from t0 is {gates['denoise_gap_db']:.1f} dB "
@@ -326,5 +204,5 @@ report = {"means": nested, "intervals": "95 % percentile, two-level bootstrap (s
           "n_views": int(df[df.method == "compressed"].shape[0]), "eval_scenes": eval_scenes,
           "seconds": round(time.time() - t_start, 1),
           "provenance": provenance(profile, seed, dev, bm3d_version=md.version("bm3d"))}
-metrics_path.write_text(json.dumps(report, indent=1))
+repo_path("reports", profile, "metrics.json").write_text(json.dumps(report, indent=1))
 print(f"stage time {time.time() - t_start:.0f} s")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import front_camera, random_scene
+from nifi_utils import benchmark as B
 from nifi_utils import metrics
 from nifi_utils.benchmark import (ConsistencyMeter, ViewGeometry, external_restorer_images, load_rgb,
                                   render_geometry, save_rgb, warp_correspondences, warp_error)
@@ -408,3 +409,56 @@ def test_external_restorer_images(tmp_path):
     assert np.all(out[0] == 64)  # 0.25 * 255 rounded
     with pytest.raises(NifiError, match="lacks 'folder'"):
         external_restorer_images({"name": "x", "scene": "s", "rate": "r"}, views, (8, 10, 3))
+
+
+# ---------------------------------------------------------------- the stage's library steps
+def _frame_for_targets(gain=0.5, noise=0.01, lattice=0.0, seed=0):
+    """Per-image rows of compressed / bm3d / nifi / nifi_wo_t0 on 4 scenes x 4 views at one rate."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(4):
+        for v in range(4):
+            base = rng.uniform(0.2, 0.4)
+            for m, val, ps in (("compressed", base, 25.0), ("bm3d", base * 0.98, 25.0), ("nifi", base * (1 - gain), 24.8),
+                               ("nifi_wo_t0", base * (1 - gain) + 0.05, 24.5)):
+                rows.append({"method": m, "codec": B.OUR_CODEC, "rate": "level0", "scene": f"eval_{s:02d}", "view": f"{8 * v:04d}",
+                             "stlpips_alex": val + rng.normal(0, noise), "ssim": 0.6, "psnr": ps + rng.normal(0, 0.05),
+                             "periodic_excess": (lattice if m.startswith("nifi") else 0.0) + rng.normal(0, 0.01)})
+    return pd.DataFrame(rows)
+
+
+def test_targets_are_decided_on_intervals():
+    checks, lines = B.check_targets(_frame_for_targets())
+    assert checks["nifi_best_stlpips_alex_level0"] and checks["nifi_improves_stlpips_alex_35pct_level0"]
+    assert checks["nifi_wo_t0_worse_level0"] and checks["nifi_psnr_within_1_level0"] and checks["nifi_ssim_within_0.05_level0"]
+    assert checks["nifi_periodic_like_gt_level0"] and any("[" in line for line in lines)
+    # a 36 % mean gain whose interval reaches below 35 % fails; a lattice fails its check
+    checks, _ = B.check_targets(_frame_for_targets(gain=0.36, noise=0.05, lattice=0.3))
+    assert not checks["nifi_improves_stlpips_alex_35pct_level0"]
+    assert not checks["nifi_periodic_like_gt_level0"] and not checks["nifi_wo_t0_periodic_like_gt_level0"]
+
+
+def test_summary_has_intervals_and_refuses_partly_missing_metrics():
+    df = _frame_for_targets()
+    out = B.summary(df, ["stlpips_alex", "psnr"])
+    cell = out["nifi"]["level0"]
+    assert cell["stlpips_alex_ci95"][0] <= cell["stlpips_alex"] <= cell["stlpips_alex_ci95"][1]
+    df.loc[3, "psnr"] = np.nan
+    with pytest.raises(NifiError, match="missing"):
+        B.summary(df, ["psnr"])
+
+
+def test_score_rows_and_too_many_views(tmp_path):
+    rng = np.random.default_rng(0)
+    gt = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(2)]
+    rows = B.score_rows("nifi", "eval_00", B.OUR_CODEC, "level0", gt, gt, ["0000.png", "0008.png"], [1.0, 2.0], 1000, 10000,
+                        ["psnr"], None, "cpu")
+    assert len(rows) == 2 and rows[0]["periodic_excess"] == pytest.approx(0.0, abs=1e-6) and np.isinf(rows[0]["psnr"])
+    (tmp_path / "s" / "gt").mkdir(parents=True)
+    for v in ("0000.png", "0008.png"):
+        B.save_rgb(np.zeros((8, 8, 3)), tmp_path / "s" / "gt" / v)
+    assert B.list_test_views(tmp_path / "s", 1) == ["0000.png"]
+    with pytest.raises(NifiError, match="max_views = 5, but s has 2 test views"):
+        B.list_test_views(tmp_path / "s", 5)
