@@ -318,3 +318,21 @@ class Distiller:
 
 def config_dict(cfg: DistillConfig) -> dict:
     return asdict(cfg)
+
+
+def heldout_pairs(renders_root: Path, scenes: list[str], per_level: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(compressed [N,3,H,W], ground truth [N,3,H,W] in [0,1], level [N]) of the training scenes' *test* views
+    (every 8th view, never a training pair), the first `per_level` of every compression level."""
+    from PIL import Image
+
+    held = []
+    for f in sorted(f for s in scenes for f in (Path(renders_root) / s).glob("level*/*.png")):
+        held.append((int(f.parent.name[5:]), np.asarray(Image.open(f).convert("RGB")),
+                     np.asarray(Image.open(f.parent.parent / "gt" / f.name).convert("RGB"))))
+    if not held:
+        raise NifiError(f"no compressed test views of {scenes} under {renders_root}: run the synthesis stage")
+    levels = sorted({h[0] for h in held})
+    held = [h for lv in levels for h in [x for x in held if x[0] == lv][:per_level]]
+    lq = torch.from_numpy(np.stack([h[1] for h in held])).permute(0, 3, 1, 2).float() / 255
+    hq = torch.from_numpy(np.stack([h[2] for h in held])).permute(0, 3, 1, 2).float() / 255
+    return lq, hq, np.array([h[0] for h in held])

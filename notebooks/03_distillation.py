@@ -63,10 +63,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
-from nifi_utils.distill import DistillConfig, Distiller, PairSet, config_dict
+from nifi_utils.distill import DistillConfig, Distiller, PairSet, config_dict, heldout_pairs
 from nifi_utils.metrics import METRIC_BACKENDS, periodic_artifact, stlpips
 from nifi_utils.restorer import Restorer
 
@@ -87,16 +86,9 @@ print(f"{len(pairs.lq)} training pairs from {len({m[0] for m in pairs.meta})} sc
 # The training scenes' *test* views (every 8th), compressed at every level: never used for training.
 
 # %%
-held = []
 train_scenes = sorted({m[0] for m in pairs.meta})  # the training split, whatever the scenes are called
-for f in sorted(f for s in train_scenes for f in repo_path("data", profile, "renders", s).glob("level*/*.png")):
-    held.append((int(f.parent.name[5:]), np.asarray(Image.open(f).convert("RGB")),
-                 np.asarray(Image.open(f.parent.parent / "gt" / f.name).convert("RGB"))))
-levels = sorted({h[0] for h in held})
-held = [h for lv in levels for h in [x for x in held if x[0] == lv][:eval_views]]
-held_lq = torch.from_numpy(np.stack([h[1] for h in held])).permute(0, 3, 1, 2).float() / 255
-held_hq = torch.from_numpy(np.stack([h[2] for h in held])).permute(0, 3, 1, 2).float() / 255
-held_lv = np.array([h[0] for h in held])
+held_lq, held_hq, held_lv = heldout_pairs(repo_path("data", profile, "renders"), train_scenes, eval_views)
+levels = sorted(set(held_lv.tolist()))
 compressed_lp = stlpips(held_lq, held_hq).numpy()
 held_gt_periodic = periodic_artifact(held_hq)
 print({f"level{lv}": float(compressed_lp[held_lv == lv].mean()) for lv in levels}, "(compressed, ST-LPIPS)")
@@ -208,7 +200,7 @@ for name in variants:
 for k, v in checks.items():
     print(f"{'PASS' if v else 'FAIL'}  {k}")
 report = {"variants": results, "compressed_heldout_stlpips": {f"level{lv}": float(compressed_lp[held_lv == lv].mean()) for lv in levels},
-          "checks": checks, "n_pairs": len(pairs.lq), "n_heldout": len(held), "base_model": base_model,
+          "checks": checks, "n_pairs": len(pairs.lq), "n_heldout": len(held_lq), "base_model": base_model,
           "metric_backends": {k: METRIC_BACKENDS[k] for k in ("stlpips_alex", "periodic")},
           "peak_rss_gb": __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20,
           "seconds": round(time.time() - t_start, 1), "provenance": provenance(profile, seed, device)}
