@@ -34,6 +34,7 @@ c_min = 128
 n_max = 1024
 sh_degrees = [0, 0, 0]
 scoring = "gradient"
+score_views = 0
 bits = 8
 pos_bits = 10
 entropy_models = ["categorical", "gaussian", "laplace"]
@@ -68,7 +69,8 @@ from nifi_utils.common import pick_device, provenance, repo_path
 from nifi_utils.metrics import METRIC_BACKENDS, psnr, stlpips
 from nifi_utils.synthesis import SynthesisConfig, shard_of, synthesize
 
-params = dict(n_levels=n_levels, c_min=c_min, n_max=n_max, sh_degrees=sh_degrees, scoring=scoring, bits=bits,
+params = dict(n_levels=n_levels, c_min=c_min, n_max=n_max, sh_degrees=sh_degrees, scoring=scoring,
+              score_views=score_views, bits=bits,
               pos_bits=pos_bits, entropy_models=entropy_models, finetune_steps=finetune_steps,
               finetune_qat=finetune_qat, finetune_shared=finetune_shared, level_sampling=level_sampling, lr_means=lr_means, lr_quats=lr_quats, lr_scales=lr_scales,
               lr_opacity=lr_opacity, lr_sh=lr_sh, lambda_dssim=lambda_dssim, background=background)
