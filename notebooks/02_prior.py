@@ -5,10 +5,15 @@
 # that prior's VAE (paper §3-4, SD3-medium). The offline `cpu` profile cannot download SD3, so this
 # stage pretrains an SD3-*architecture* prior of its own on clean images of the training split:
 # 1. **Autoencoder.** A `PatchAutoencoder` (diffusers `ModelMixin`/`ConfigMixin`, `AutoencoderKL`'s
-#    interface) whose linear path is the PCA of 4x4 pixel patches (16 latent channels, 4x
-#    downsampling), refined by zero-initialised residual blocks trained with L1 + ST-LPIPS. Why: a
+#    interface) whose linear path starts as the PCA of 4x4 pixel patches (16 latent channels, 4x
+#    downsampling), refined by zero-initialised residual blocks trained with L1 + ST-LPIPS. Why PCA: a
 #    randomly initialised `AutoencoderKL` stays near 17 dB after 8 CPU minutes, while the PCA alone
-#    already reconstructs held-out images at > 30 dB (measured in `offline_facts.md` and below).
+#    already reconstructs held-out images at > 30 dB (`offline_facts.md`). Why overlap: with a
+#    per-patch transform, any error of one latent pixel becomes a 4x4 block and a restorer's latent
+#    errors draw the latent grid. Here each latent's encoder and decoder footprint reaches
+#    `vae_overlap` px into its neighbours (an 8x8 kernel at stride 4, PCA in its centre at the start),
+#    full-resolution residual blocks see across patch boundaries, and the decoder also learns to decode
+#    a *noisy* latent (white noise up to `vae_latent_noise` x the latent std) to the clean image.
 # 2. **Transformer.** A small `SD3Transformer2DModel` trained by rectified flow,
 #    $x_t = (1-\sigma)x + \sigma\epsilon$, target $v = \epsilon - x$, $\sigma$ from the scheduler's
 #    shift ($\sigma = 3u/(1+2u)$, $u$ logit-normal), fixed "default prompt" embeddings dropped to the
@@ -25,8 +30,9 @@
 # (committed to git: the stage is `frozen`), `reports/<profile>/prior.json`,
 # `reports/<profile>/figures/prior.png`.
 #
-# **Runtime.** `tiny` ~15 s · `cpu` ~60 min on 2 cores (`dvc repro -f prior`; `make repro` uses the
-# committed weights) · `paper`: seconds.
+# **Runtime.** `tiny` ~15 s · `cpu` ~60 min on 2 cores (corpus 4 min, autoencoder 6 min, transformer
+# 45 min; `python -m nifi_utils.run prior && dvc commit -f prior`; `make repro` uses the committed
+# weights) · `paper`: seconds.
 
 # %% tags=["parameters"]
 profile = "tiny"
