@@ -221,7 +221,7 @@ METRIC_BACKENDS.update({
                 "windows, Hann-windowed FFT) over what their spectral neighbourhoods predict; no reference image",
 })
 LOWER_IS_BETTER = {"psnr": False, "ssim": False, "stlpips_alex": True, "stlpips_vgg": True, "lpips_alex": True,
-                   "lpips_vgg": True, "dists": True, "mv_consistency": True, "periodic": True}
+                   "lpips_vgg": True, "dists": True, "mv_consistency": True}
 
 
 def metric_available(name: str) -> bool:

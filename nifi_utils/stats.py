@@ -61,6 +61,9 @@ def mean_ci(df: pd.DataFrame, column: str, n_boot: int = N_BOOT, seed: int = 0) 
         return float("nan"), float("nan"), float("nan")
     if column in MAY_BE_UNDEFINED:
         df = df[df[column].notna()]
+    vals = df[column].to_numpy(dtype=np.float64)
+    if not np.isnan(vals).any() and np.isinf(vals).any():  # e.g. the PSNR of identical images: a mean, no interval
+        return float(df.groupby("scene")[column].mean().mean()), float("nan"), float("nan")
     point, boot = scene_view_bootstrap(df[column].to_numpy(), df["scene"].to_numpy(), n_boot, seed)
     return (float(point[0]), *interval(boot[:, 0]))
 

@@ -56,3 +56,9 @@ def test_point_estimate_is_scene_then_view_mean_and_errors_are_clear():
     with pytest.raises(NifiError, match="different images"):
         paired_difference(df, df.iloc[:3], "x", what="nifi vs compressed")
     assert np.isnan(mean_ci(df, "absent")[0])
+
+
+def test_infinite_values_have_a_mean_but_no_interval():
+    df = pd.DataFrame({"scene": ["a", "b"], "view": ["0", "0"], "psnr": [np.inf, np.inf]})
+    m, lo, hi = mean_ci(df, "psnr")
+    assert m == np.inf and np.isnan(lo) and np.isnan(hi)
