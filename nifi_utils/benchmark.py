@@ -209,7 +209,7 @@ def rate_key(codec: str, rate: str) -> str:
 
 def summary(df, columns: list[str], n_boot: int = 2000, seed: int = 0) -> dict:
     """method -> rate key -> {column: mean, column_ci95: [lo, hi]} (scene-then-view means, two-level bootstrap)."""
-    from .stats import mean_ci
+    from .stats import mean_ci, scene_view_mean
 
     out: dict = {}
     for (codec, rate, method), g in df.groupby(["codec", "rate", "method"], sort=False):
@@ -219,7 +219,7 @@ def summary(df, columns: list[str], n_boot: int = 2000, seed: int = 0) -> dict:
                 cell[c] = None
                 continue
             if c in ("size_mb", "size_mib", "ratio", "bytes", "ms_per_image"):
-                cell[c] = round(float(g.groupby("scene")[c].mean().mean()), 6)  # sizes/timings: no interval
+                cell[c] = round(scene_view_mean(g, c), 6)  # sizes/timings: no interval
                 continue
             m, lo, hi = mean_ci(g, c, n_boot, seed)
             cell[c], cell[f"{c}_ci95"] = round(m, 6), [round(lo, 6), round(hi, 6)]
@@ -233,7 +233,7 @@ def check_targets(df, key: str = "stlpips_alex", gain: float = 0.35, ssim_drop: 
     compressed render at least `gain` (lower bound); w/o t0 worse than NiFi; NiFi's SSIM and PSNR within
     `ssim_drop` / `psnr_drop_db` of the compressed render's (lower bound of the paired difference); NiFi's
     and w/o t0's periodic-artifact excess over the ground truth below `periodic_margin` (upper bound)."""
-    from .stats import mean_ci, paired_difference, relative_gain
+    from .stats import mean_ci, paired_difference, relative_gain, scene_view_mean
 
     ours = df[df["codec"] == OUR_CODEC]
     have = set(ours["method"])
@@ -246,7 +246,7 @@ def check_targets(df, key: str = "stlpips_alex", gain: float = 0.35, ssim_drop: 
         at = {m: g for m, g in ours[ours["rate"] == r].groupby("method")}
         n = at["nifi"]
         if others:
-            best = min(others, key=lambda m: mean_ci(at[m], key)[0])
+            best = min(others, key=lambda m: scene_view_mean(at[m], key))
             d, lo, hi = paired_difference(n, at[best], key, what=f"{r} nifi vs {best}")
             checks[f"nifi_best_{key}_{r}"] = bool(hi < 0)
             lines.append(f"{r}: nifi - {best} (best other) {key} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]")

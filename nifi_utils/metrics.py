@@ -153,6 +153,7 @@ def dists(pred, gt) -> torch.Tensor:
     return dists_model(str(p.device))(p, g).reshape(-1)
 
 
+@functools.lru_cache(maxsize=16)  # built in Python loops, the same for every image of a size
 def _lattice_masks(h: int, w: int, period: int, ring: tuple[int, int]) -> list:
     """Per lattice frequency of an h x w FFT grid: its 3x3 peak window and its spectral neighbourhood, as flat
     index tensors. Off-axis frequencies compare with a Chebyshev ring around them that leaves out the axes;

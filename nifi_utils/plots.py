@@ -27,8 +27,6 @@ METHOD_COLORS = {"3dgs": "black", "compressed": "tab:gray", "bm3d": "tab:blue", 
                  "paper_SwinIR": "tab:green", "paper_DiffBIR": "tab:olive", "paper_Difix3D": "tab:cyan"}
 EXTRA_COLORS = ["tab:green", "tab:olive", "tab:cyan", "tab:brown", "gold", "teal"]
 HIGHER_IS_BETTER = {"psnr", "ssim"}
-# diagnostics drawn as curves but never ranked (closer to the ground truth's value is better, not lower)
-UNRANKED = {"periodic", "periodic_excess"}
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "stlpips_alex": "ST-LPIPS (alex)", "stlpips_vgg": "ST-LPIPS (vgg)",
                  "lpips_alex": "LPIPS (alex)", "lpips_vgg": "LPIPS (vgg)", "dists": "DISTS",
                  "mv_consistency": "multi-view inconsistency (GT = 1)",
@@ -107,10 +105,11 @@ def aggregate(df: pd.DataFrame, metrics, ci: bool = True) -> pd.DataFrame:
     agg["n_scenes"] = per_scene.groupby(level=["method", "codec", "rate"], sort=False).size()
     agg["n_images"] = per_scene.groupby(level=["method", "codec", "rate"], sort=False)["n_images"].sum()
     if ci:  # 95 % interval of each mean: scenes resampled, then views within them (nifi_utils.stats)
+        groups = list(df.groupby(["method", "codec", "rate"], sort=False))
         for m in metrics:
             # a metric missing for some images has no interval here (the benchmark refuses such rows)
             bounds = {k: mean_ci(g, m)[1:] if g[m].notna().all() or m in MAY_BE_UNDEFINED else (np.nan, np.nan)
-                      for k, g in df.groupby(["method", "codec", "rate"], sort=False)}
+                      for k, g in groups}
             agg[f"{m}_lo"] = [bounds[k][0] for k in agg.index]
             agg[f"{m}_hi"] = [bounds[k][1] for k in agg.index]
     agg = agg.reset_index()

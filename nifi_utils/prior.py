@@ -84,6 +84,13 @@ def prior_corpus_scenes(n: int, size: int, views: int, n_gaussians: int, seed: i
     return images, meta
 
 
+def _resized_crop(photo: np.ndarray, y: int, x: int, side: int, size: int) -> np.ndarray:
+    """The side x side crop of a float RGB photo at (y, x), area-downsampled to size x size, as uint8."""
+    crop = torch.from_numpy(np.ascontiguousarray(photo[y:y + side, x:x + side])).permute(2, 0, 1)[None].float()
+    im = F.interpolate(crop, size=(size, size), mode="area")[0].permute(1, 2, 0).numpy()
+    return (np.clip(im, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def photo_crops(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """`n` crops of the training photographs at random scales (side from `size` to the whole photo's short
     side, area-downsampled to `size`): from texture close-ups to whole-photo views."""
@@ -96,9 +103,7 @@ def photo_crops(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]
         lo, hi = np.log(size), np.log(max(size + 1, min(h, w)))
         sd = int(np.exp(rng.uniform(lo, hi)))
         y, x = int(rng.integers(0, h - sd + 1)), int(rng.integers(0, w - sd + 1))
-        crop = torch.from_numpy(np.ascontiguousarray(photo[y:y + sd, x:x + sd])).permute(2, 0, 1)[None].float()
-        im = F.interpolate(crop, size=(size, size), mode="area")[0].permute(1, 2, 0).numpy()
-        out.append((np.clip(im, 0, 1) * 255 + 0.5).astype(np.uint8))
+        out.append(_resized_crop(photo, y, x, sd, size))
     return out
 
 
@@ -139,11 +144,10 @@ def training_images(scenes_root: Path, n_textures: int, size: int, seed: int, n_
             h, w = photo.shape[:2]
             s = int(rng.integers(size, max(size + 1, min(h, w))))
             y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-            crop = torch.from_numpy(photo[y:y + s, x:x + s]).permute(2, 0, 1)[None]
-            tex = F.interpolate(crop, size=(size, size), mode="area")[0].permute(1, 2, 0).numpy()
+            train.append(_resized_crop(photo, y, x, s, size))
         else:
             tex = procedural_texture(PROCEDURAL[(k // 2) % len(PROCEDURAL)], rng, size)
-        train.append((np.clip(tex, 0, 1) * 255 + 0.5).astype(np.uint8))
+            train.append((np.clip(tex, 0, 1) * 255 + 0.5).astype(np.uint8))
     corpus["counts"]["textures"] = n_textures
     return train, held, corpus
 

@@ -53,6 +53,11 @@ def interval(replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float
 MAY_BE_UNDEFINED = {"mv_consistency"}
 
 
+def scene_view_mean(df: pd.DataFrame, column: str) -> float:
+    """The point estimate: mean over each scene's views, then over scenes (NaN values left out)."""
+    return float(df.groupby("scene")[column].mean().mean())
+
+
 def mean_ci(df: pd.DataFrame, column: str, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
     """(mean, lo, hi) of `column` over the rows of one (method, codec, rate) group: scene-then-view mean and
     its 95 % interval. NaN where the column is absent or missing for every row; a missing value is an error
@@ -63,7 +68,7 @@ def mean_ci(df: pd.DataFrame, column: str, n_boot: int = N_BOOT, seed: int = 0) 
         df = df[df[column].notna()]
     vals = df[column].to_numpy(dtype=np.float64)
     if not np.isnan(vals).any() and np.isinf(vals).any():  # e.g. the PSNR of identical images: a mean, no interval
-        return float(df.groupby("scene")[column].mean().mean()), float("nan"), float("nan")
+        return scene_view_mean(df, column), float("nan"), float("nan")
     point, boot = scene_view_bootstrap(df[column].to_numpy(), df["scene"].to_numpy(), n_boot, seed)
     return (float(point[0]), *interval(boot[:, 0]))
 
@@ -99,7 +104,7 @@ def tiers(groups: dict, column: str, lower_is_better: bool, n_boot: int = N_BOOT
     """Rank methods into tiers: sorted by mean, a method opens a new tier only when the paired 95 % interval
     of its difference to the leader of the current tier excludes zero; otherwise it is tied with that tier.
     `groups`: method -> its rows (scene, view, column). Returns method -> (tier (1 = best), tied: bool)."""
-    means = {m: mean_ci(g, column, n_boot, seed)[0] for m, g in groups.items()}
+    means = {m: scene_view_mean(g, column) if column in g else float("nan") for m, g in groups.items()}
     order = sorted((m for m in means if np.isfinite(means[m])), key=lambda m: means[m] if lower_is_better else -means[m])
     out, tier, leader, members = {}, 0, None, {}
     for m in order:
