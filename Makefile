@@ -15,6 +15,8 @@ setup: $(STAMP)
 # offline `dvc plots show/diff`: pinned vega libraries from npm, inlined into a DVC HTML template
 # (nifi_utils/plots_offline.py); DVC resolves plots.html_template relative to .dvc/
 VEGA_NPM := vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
+# the 3DGS ecosystem's converter (.spz/.sog/compressed.ply codec anchors, the offline HTML viewer)
+SPLAT_NPM := @playcanvas/splat-transform@3.7.0
 NPM_DIR := $(VENV)/npm
 PLOTS_TEMPLATE := $(VENV)/dvc-plots-offline.html
 
@@ -29,6 +31,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.tom
 	  && $(BIN)/python -m nifi_utils.plots_offline --node-modules $(NPM_DIR)/node_modules --out $(PLOTS_TEMPLATE) >/dev/null; then \
 	  test ! -d .dvc || $(BIN)/dvc config --local plots.html_template ../$(PLOTS_TEMPLATE); \
 	else echo "warning: npm install $(VEGA_NPM) failed: dvc plots show/diff will load vega from the CDN (blank offline)"; fi
+	@if command -v npm >/dev/null 2>&1 && ! npm install --prefix $(NPM_DIR) --no-audit --no-fund --silent --save-exact $(SPLAT_NPM); then \
+	  echo "warning: npm install $(SPLAT_NPM) failed: codec anchors and the 3D viewer are skipped"; fi
 	@touch $(STAMP)
 
 # the cpu pipeline (params.yaml `profile: cpu`); `dvc exp run -S profile=tiny` for the small one
