@@ -4,19 +4,21 @@ On the `cpu` profile's bitstreams (run `dvc repro synthesis` first; falls back t
 scene): for every level of one evaluation scene, decode the `.nifi`, re-encode it and report
 - the file against the entropy bound (N * H of the quantized symbols under their empirical
   histograms + those histograms + header), for the auto model choice and for histograms only;
-- the same symbols packed channel-major and compressed by zstd (level 19) and lzma (preset 9e);
+- anchors on the same decoded Gaussians (`nifi_utils.codec_anchors`): `.spz`, `.sog` and
+  `.compressed.ply` from the pinned splat-transform (bytes and test-view PSNR; skipped rows with the
+  reason where it is absent), and zstd (level 19) / lzma (preset 9e) on our symbols packed
+  channel-major; for the main scene in detail and for every evaluation scene's levels in `anchors`;
 - bits per Gaussian per attribute group; encode/decode throughput (Gaussians/s, also at 80k);
 - position bits 8..16 on the uncompressed scene: PSNR of the test-view renders against float
   positions (only positions quantized), and the file size.
 Writes benchmarks/results/codec.json.
 
-    python benchmarks/codec.py [--profile cpu] [--scene eval_00] [--out FILE]
+    python benchmarks/codec.py [--profile cpu] [--scene eval_00] [--anchor-scenes eval_00,eval_01] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import os
 import time
 from pathlib import Path
@@ -38,31 +40,15 @@ def timed(fn, repeats=3):
     return out, best
 
 
-def symbols_of(scene, deg, bits, pos_bits):
-    from nifi_utils import codec
-
-    vals = codec.scene_to_channels(scene, deg).numpy()
-    lo, hi = codec.channel_ranges(vals)
-    b = codec.default_bits(deg, bits, pos_bits)
-    sym = codec.quantize(vals, b, lo, hi)
-    return sym[codec.morton_order(sym[:, :3], pos_bits)], b  # the codec's own order
-
-
-def packed(sym, bits) -> bytes:
-    cols = [sym[:, c].astype(np.uint8 if b <= 8 else "<u2").tobytes() for c, b in enumerate(bits)]
-    return b"".join(cols)
-
-
 def level_row(scene, deg, bits, pos_bits, ply_bytes):
-    import zstandard
-
     from nifi_utils import codec
+    from nifi_utils.codec_anchors import packed_symbols, raw_symbols, symbol_anchor_rows
 
     enc, t_enc = timed(lambda: codec.encode_scene(scene, sh_degree=deg, bits=bits, pos_bits=pos_bits))
     _, t_dec = timed(lambda: codec.decode_bytes(enc.data))
     hist = codec.encode_scene(scene, sh_degree=deg, bits=bits, pos_bits=pos_bits, models=("categorical",))
-    sym, b = symbols_of(scene, deg, bits, pos_bits)
-    raw = packed(sym, b)
+    raw = packed_symbols(*raw_symbols(scene, deg, bits, pos_bits))
+    sym_anchors = {r["anchor"]: r["bytes"] for r in symbol_anchor_rows(scene, deg, bits, pos_bits)}
     per_channel = enc.stats["channel_bits_per_gaussian"]
     groups = {g: sum(per_channel[c] for c in names) for g, names in GROUPS.items()}
     groups["color_sh"] = sum(v for k, v in per_channel.items() if k.startswith("sh"))
@@ -76,8 +62,7 @@ def level_row(scene, deg, bits, pos_bits, ply_bytes):
         "histograms_only_payload_over_entropy": hist.stats["payload_bytes"] / hist.stats["empirical_entropy_bytes"],
         "models": enc.stats["models"],
         "raw_symbol_bytes": len(raw),
-        "zstd19_bytes": len(zstandard.ZstdCompressor(level=19).compress(raw)),
-        "lzma9e_bytes": len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)),
+        "zstd19_bytes": sym_anchors["zstd19_symbols"], "lzma9e_bytes": sym_anchors["lzma9e_symbols"],
         "header_and_models_bytes": enc.stats["side_bytes"],
         "bits_per_gaussian": enc.stats["bits_per_gaussian"],
         "bits_per_gaussian_by_attribute": groups,
@@ -111,6 +96,49 @@ def pos_bits_sweep(scene, deg, cams, bg, bits_list=(8, 9, 10, 11, 12, 14, 16)):
     return rows
 
 
+def anchor_rows(data: Path, scenes: list[str], p: dict) -> list[dict]:
+    """codec_anchors on every level of every listed scene's bitstreams, PSNR on its test views."""
+    from nifi_utils import codec
+    from nifi_utils.codec_anchors import codec_anchors
+    from nifi_utils.scenes import read_transforms
+    from nifi_utils.synthesis import load_images
+
+    rows = []
+    for name in scenes:
+        scene_dir = data / "scenes" / name
+        cams = read_transforms(scene_dir / "transforms.json")
+        test_ids = json.loads((scene_dir / "transforms.json").read_text())["test_ids"]
+        test_cams = [cams[i] for i in test_ids]
+        images = load_images(scene_dir, cams)
+        gts = [images[i] for i in test_ids]
+        for l in range(p["n_levels"]):
+            scene, head = codec.load(data / "bitstreams" / name / f"level{l}.nifi")
+            for r in codec_anchors(scene, head["sh_degree"], p["bits"], p["pos_bits"], cameras=test_cams,
+                                   background=tuple(p["background"]), gt_images=gts):
+                rows.append({"scene": name, "level": l, "n_gaussians": len(scene), **r})
+            print(json.dumps({"scene": name, "level": l, **{r["anchor"]: r["bytes"] for r in rows[-6:]}}))
+    return rows
+
+
+def anchor_summary(rows: list[dict]) -> dict:
+    """Per level: mean bytes of each anchor over scenes and the .nifi size relative to the best format."""
+    out = {}
+    for l in sorted({r["level"] for r in rows}):
+        at = [r for r in rows if r["level"] == l and r["skipped"] is None]
+        names = sorted({r["anchor"] for r in at})
+        mean = {a: float(np.mean([r["bytes"] for r in at if r["anchor"] == a])) for a in names}
+        per_scene = {}
+        for r in at:
+            per_scene.setdefault(r["scene"], {})[r["anchor"]] = r["bytes"]
+        fmt = [a for a in names if a not in ("nifi", "lzma9e_symbols", "zstd19_symbols")]
+        ratios = [v["nifi"] / min(v[a] for a in names if a != "nifi") for v in per_scene.values()]
+        out[f"level{l}"] = {"mean_bytes": mean,
+                            "nifi_over_best_anchor_max": max(ratios) if ratios else None,
+                            "nifi_over_best_format_max": max(v["nifi"] / min(v[a] for a in fmt)
+                                                             for v in per_scene.values()) if fmt else None}
+    return out
+
+
 def main():
     from nifi_utils import codec
     from nifi_utils.common import provenance
@@ -120,6 +148,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--scene", default="eval_00")
+    ap.add_argument("--anchor-scenes", default="eval",
+                    help="comma-separated scenes for the anchor table, or 'eval' for every eval_* bitstream folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "codec.json"))
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -154,14 +184,23 @@ def main():
     # The stored levels are already quantized, so the sweep uses the uncompressed scene's float positions.
     bg = tuple(p["background"])
     sweep = {"uncompressed_scene": pos_bits_sweep(full.with_sh_degree(0), 0, test_cams, bg)}
+    if args.anchor_scenes == "eval":
+        names = sorted(d.name for d in (data / "bitstreams").glob("eval_*") if d.is_dir())
+    else:
+        names = [n for n in args.anchor_scenes.split(",") if n]
+    anchors = anchor_rows(data, names, p) if names else []
+    summary = anchor_summary(anchors)
     checks = {
         "histogram_payload_within_2pct_of_entropy": all(r["histograms_only_payload_over_entropy"] <= 1.02 for r in levels + [full_row]),
         "file_within_2pct_of_entropy_bound": all(r["file_over_entropy_bound"] <= 1.02 for r in levels + [full_row]),
-        "smaller_than_zstd19_and_lzma": all(r["bytes"] < min(r["zstd19_bytes"], r["lzma9e_bytes"]) for r in levels + [full_row]),
+        "smaller_than_zstd19_and_lzma": all(r["bytes"] < min(v for v in (r["zstd19_bytes"], r["lzma9e_bytes"]) if v)
+                                            for r in levels + [full_row]),
+        "smaller_than_every_anchor": all(v["nifi_over_best_anchor_max"] < 1 for v in summary.values()) if summary else None,
+        "10pct_below_best_anchor": all(v["nifi_over_best_anchor_max"] <= 0.9 for v in summary.values()) if summary else None,
     }
     out = {"benchmark": "codec", "profile": args.profile, "scene": args.scene, "levels_from": source,
            "cpu_threads": torch.get_num_threads(), "nproc": os.cpu_count(), "levels": levels,
-           "full_scene": full_row, "pos_bits_sweep": sweep, "checks": checks,
+           "full_scene": full_row, "anchors": anchors, "anchor_summary": summary, "pos_bits_sweep": sweep, "checks": checks,
            "notes": "zstd/lzma compress the same quantized symbols in the same (Z-)order, packed channel-major "
                     "(uint8, uint16 above 8 bits), without the ranges header; entropy bound = N*H(empirical) of the "
                     "coded symbols (raw or delta per channel) + histograms + header.",

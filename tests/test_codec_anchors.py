@@ -1,0 +1,42 @@
+"""Codec anchors: skipped rows without splat-transform, real rows with it, symbol compressors' bytes."""
+import lzma
+
+import numpy as np
+import pytest
+
+from conftest import front_camera, random_scene
+from nifi_utils import codec, codec_anchors, splat_tools
+
+
+def test_missing_splat_transform_gives_skipped_rows_with_the_reason(monkeypatch):
+    monkeypatch.setattr(splat_tools, "splat_transform_path", lambda: None)
+    rows = codec_anchors.codec_anchors(random_scene(200, seed=1), sh_degree=0)
+    by = {r["anchor"]: r for r in rows}
+    assert set(codec_anchors.FORMATS) <= set(by)
+    for f in codec_anchors.FORMATS:
+        assert by[f]["bytes"] is None and "splat-transform" in by[f]["skipped"]
+    assert by["nifi"]["skipped"] is None and by["nifi"]["bytes"] > 0
+    assert by["lzma9e_symbols"]["skipped"] is None
+
+
+def test_symbol_anchor_is_lzma_of_the_codec_symbols():
+    scene = random_scene(300, seed=2)
+    sym, bits = codec_anchors.raw_symbols(scene, 0, 8, 10)
+    assert sym.shape == (300, len(codec.channel_names(0))) and bits[:3] == [10] * 3
+    raw = codec_anchors.packed_symbols(sym, bits)
+    assert len(raw) == 300 * (3 * 2 + 11)  # 10-bit positions take two bytes, the rest one
+    row = codec_anchors.symbol_anchor_rows(scene, 0, 8, 10)[0]
+    assert lzma.decompress(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)) == raw
+    assert row["bytes"] == len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME))
+
+
+@pytest.mark.skipif(splat_tools.splat_transform_path() is None, reason=splat_tools.missing_reason())
+def test_spz_anchor_round_trips_through_splat_transform(tmp_path):
+    scene = random_scene(256, seed=3, sh_degree=0, spread=0.5, log_scale=-2.5)
+    cams = [front_camera()]
+    rows = codec_anchors.codec_anchors(scene, sh_degree=0, cameras=cams, formats=("spz",), workdir=tmp_path)
+    by = {r["anchor"]: r for r in rows}
+    assert by["spz"]["skipped"] is None and 0 < by["spz"]["bytes"] < 256 * 62  # smaller than float32 .ply
+    # a lossy format: its renders are close to the input's, not equal
+    assert 20 < by["spz"]["psnr_vs_input_db"] < np.inf
+    assert by["nifi"]["psnr_vs_input_db"] > 20
