@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--tile", type=int, help="latent tile size for large images (e.g. 32)")
     rs.set_defaults(fn=cmd_restore)
 
+    from .viewer import add_view_command  # `view`: an offline HTML viewer; its logic lives in viewer.py
+
+    add_view_command(sub)
+
     s = sub.add_parser("run", help="run one pipeline stage through papermill (same as python -m nifi_utils.run)")
     s.add_argument("stage")
     s.add_argument("--profile", choices=["cpu", "tiny", "paper"])
