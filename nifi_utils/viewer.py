@@ -368,8 +368,6 @@ def view_file(path: str | Path, out_html: str | Path, cameras_json: str | Path |
         raise NifiError(f"--out must be an .html file, got {out_html}")
     if path.suffix.lower() not in (".ply", ".nifi"):
         raise NifiError(f"view wants a 3DGS .ply or a .nifi bitstream, got {path}")
-    if splat_transform_path() is None:
-        raise NifiError(missing_reason())
     cams = read_transforms(cameras_json) if cameras_json else None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -380,6 +378,8 @@ def view_file(path: str | Path, out_html: str | Path, cameras_json: str | Path |
             label = f"{path.name} (decoded)"
         else:
             ply, n, size, label = path, check_ply(path), path.stat().st_size, path.name
+        if splat_transform_path() is None:  # after the input checks: a bad file is reported as such
+            raise NifiError(missing_reason())
         from .gaussians import read_ply
 
         means = read_ply(ply).means.numpy()
