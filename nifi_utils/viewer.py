@@ -203,7 +203,14 @@ _CHOOSER_JS = r"""
   });
   window.nifiView = { variant: key, camera: cam, drawn: false };
   // the viewer calls window.firstFrame() once the first frame with the scene is rendered
-  window.firstFrame = function () { window.nifiView.drawn = true; };
+  window.firstFrame = function () {
+    window.nifiView.drawn = true;
+    // the key-binding hint opens over the scene on a first visit; the controls button brings it back
+    setTimeout(function () {
+      var close = document.querySelector('.sse-controlsHint:not(.sse-hidden) .sse-controlsHintClose');
+      if (close) close.click();
+    }, 0);
+  };
   window.addEventListener('hashchange', function () { location.reload(); });
 })();
 """
