@@ -268,7 +268,7 @@ def build_page(template: str, title: str, variants: list[Variant], payloads: dic
     meta = {"title": title, "settings": settings, "cameras": cameras,
             "variants": [{"key": v.key, "label": v.label, "size_bytes": v.size_bytes, "ratio": v.ratio}
                          for v in variants]}
-    blocks = [f'<script type="application/json" id="sse-bootstrap">null</script>',
+    blocks = ['<script type="application/json" id="sse-bootstrap">null</script>',
               f'<script type="application/json" id="nifi-meta">{_json_for_script(meta)}</script>']
     for v in variants:
         blocks.append(f'<script type="application/octet-stream" id="nifi-data-{v.key}">'
@@ -568,7 +568,10 @@ def drawn_fraction(img: np.ndarray, background=None, tol: int = 12) -> float:
 # ---------------------------------------------------------------- command line
 
 def cmd_view(args) -> int:
-    bg = tuple(float(v) for v in args.background.split(",")) if args.background else (0.0, 0.0, 0.0)
+    try:
+        bg = tuple(float(v) for v in args.background.split(","))
+    except ValueError:
+        bg = ()
     if len(bg) != 3:
         raise NifiError(f"--background wants three comma-separated numbers, got {args.background!r}")
     r = view_file(args.input, args.out, args.cameras, bg)

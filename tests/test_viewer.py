@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nifi_utils import codec, viewer
-from nifi_utils.cameras import CameraSet, read_transforms, write_transforms
+from nifi_utils.cameras import CameraSet, write_transforms
 from nifi_utils.common import REPO_ROOT
 from nifi_utils.gaussians import GaussianScene, read_ply
 from nifi_utils.splat_tools import missing_reason, run_splat_transform, splat_transform_path
