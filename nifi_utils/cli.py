@@ -104,19 +104,59 @@ def cmd_compress(args) -> int:
 def cmd_decompress(args) -> int:
     from . import codec
 
+    if args.refine:
+        return _refine(args)
     scene, head = codec.load(args.input)
     scene.save_ply(args.out)
     print(f"wrote {args.out}: {head['n_gaussians']} Gaussians, SH degree {head['sh_degree']}")
     return 0
 
 
-def _background(text: str) -> tuple:
+def _refine(args) -> int:
+    """`decompress --refine`: NiFi-3D at the receiver (nifi_utils.refine), settings from params.yaml's refine section."""
+    import time
+
+    from .common import pick_device, repo_path
+    from .params import load_params
+    from .refine import RefineConfig, refine_file
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".ply":
+        raise NifiError(f"--out must be a .ply file, got {out}")
+    if not Path(args.input).is_file():
+        raise NifiError(f"bitstream not found: {args.input}")
+    section = load_params().get("refine", {}).get(args.profile, {})
+    over = dict(section.get("config", {}))
+    if args.steps is not None:
+        over["steps_per_round"] = args.steps
+    if args.rounds is not None:
+        over["rounds"] = args.rounds
+    if args.up:
+        over["up"] = list(_background(args.up, "--up"))
+    if args.background:
+        over["background"] = list(_background(args.background))
+    t0 = None if str(args.t0).lower() in ("none", "null") else float(args.t0)
+    cfg = RefineConfig.from_params({**over, "t0": t0, "seed": args.seed})
+    base = repo_path(args.base_model)
+    ckpt = repo_path(args.ckpt) if args.ckpt else (repo_path(DEFAULT_CKPT) if args.base_model == DEFAULT_BASE else None)
+    if ckpt is None:
+        raise NifiError("--refine with another --base-model needs --ckpt (the restorer LoRA distilled from that prior)")
+    device = pick_device(args.device)
+    t_start = time.time()
+    rep = refine_file(args.input, out, base, ckpt, cfg, device=device, desc=Path(args.input).name)
+    print(f"wrote {out}: {rep['n_decoded']} decoded -> {rep['n_refined']} refined Gaussians "
+          f"({rep['n_cameras']} synthesised cameras, {cfg.rounds} x {cfg.steps_per_round} steps, "
+          f"loss {rep['loss'][0]:.4f} -> {rep['loss'][-1]:.4f}), {time.time() - t_start:.1f} s on {device}")
+    return 0
+
+
+def _background(text: str, flag: str = "--background") -> tuple:
     try:
         bg = tuple(float(v) for v in text.split(","))
     except ValueError:
         bg = ()
     if len(bg) != 3:
-        raise NifiError(f"--background wants three comma-separated numbers, got {text!r}")
+        raise NifiError(f"{flag} wants three comma-separated numbers, got {text!r}")
     return bg
 
 
@@ -225,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("decompress", help="decode a .nifi bitstream into an INRIA-format .ply")
     d.add_argument("input", help=".nifi file")
     d.add_argument("--out", required=True, help="output .ply")
+    d.add_argument("--refine", action="store_true",
+                   help="NiFi-3D: restore renders around the content and bake them into the Gaussians (a few minutes on CPU)")
+    d.add_argument("--base-model", default=DEFAULT_BASE, help=f"with --refine: the prior (default {DEFAULT_BASE})")
+    d.add_argument("--ckpt", help=f"with --refine: restorer LoRA (default with the default base: {DEFAULT_CKPT})")
+    d.add_argument("--profile", default="cpu", choices=["cpu", "tiny", "paper"],
+                   help="with --refine: whose params.yaml refine settings to use (default cpu)")
+    d.add_argument("--steps", type=int, help="with --refine: fitting steps per round (default: the profile's)")
+    d.add_argument("--rounds", type=int, help="with --refine: render-restore-fit rounds (default: the profile's)")
+    d.add_argument("--up", help="with --refine: the scene's up axis x,y,z (default: estimated from the Gaussians)")
+    d.add_argument("--background", help="with --refine: background colour r,g,b in [0,1] (default: the profile's)")
+    d.add_argument("--t0", default="199", help="with --refine: the restorer's start timestep (default 199; 'none': w/o t0)")
+    d.add_argument("--seed", type=int, default=0, help="with --refine: seed")
+    d.add_argument("--device", default="auto", help="with --refine: auto, cpu or cuda")
     d.set_defaults(fn=cmd_decompress)
 
     y = sub.add_parser("synthesize", help="artifact synthesis for a shard of the scenes (params.yaml: synthesis)")

@@ -279,10 +279,21 @@ def rasterization(
     C = viewmats.shape[0]
     quats = F.normalize(quats, dim=-1)
     outs_c, outs_a, meta = [], [], {"radii": [], "means2d": [], "depths": [], "conics": [], "opacities": []}
+    cols = []
     for ci in range(C):
         m2d, con, dep, op, radii, col = _project_camera(
             means, quats, scales, opacities, colors, viewmats, Ks, ci, width, height, near_plane, far_plane,
             radius_clip, eps2d, sh_degree, render_mode, rasterize_mode)
+        for k, v in zip(("radii", "means2d", "depths", "conics", "opacities"), (radii, m2d, dep, con, op)):
+            meta[k].append(v)
+        cols.append(col)
+    # projection for every camera first, then compositing from the stacked tensors (as gsplat): the
+    # returned meta["means2d"] is the tensor the images depend on, so `retain_grad()` on it gives the
+    # screen-space gradient that 3DGS densification reads
+    meta = {k: torch.stack(v) for k, v in meta.items()}
+    for ci in range(C):
+        m2d, con, dep, op, radii, col = (meta["means2d"][ci], meta["conics"][ci], meta["depths"][ci],
+                                         meta["opacities"][ci], meta["radii"][ci], cols[ci])
         img, alpha = rasterize_tiles(m2d, con, col, op, radii, dep, width, height, tile_size)
         if backgrounds is not None:
             bg = backgrounds[ci]
@@ -295,9 +306,6 @@ def rasterization(
             img = torch.cat([img[..., :-1], img[..., -1:] / alpha.clamp(min=1e-10)], -1)
         outs_c.append(img)
         outs_a.append(alpha)
-        for k, v in zip(("radii", "means2d", "depths", "conics", "opacities"), (radii, m2d, dep, con, op)):
-            meta[k].append(v)
-    meta = {k: torch.stack(v) for k, v in meta.items()}
     meta.update(width=width, height=height, tile_size=tile_size, n_cameras=C)
     return torch.stack(outs_c), torch.stack(outs_a), meta
 
