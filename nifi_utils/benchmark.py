@@ -24,8 +24,10 @@ from .cameras import Camera
 from .common import NifiError
 from .metrics import to_bchw
 
-METHOD_ORDER = ["3dgs", "compressed", "bm3d", "img2img", "nifi_wo_t0", "nifi_no_tsd", "nifi"]
+METHOD_ORDER = ["3dgs", "compressed", "bm3d", "img2img", "nifi_wo_t0", "nifi_no_tsd", "nifi", "nifi_3d", "nifi_3d_plus"]
 NIFI_VARIANTS = ("nifi", "nifi_wo_t0", "nifi_no_tsd")
+# NiFi-3D (the refine stage): the refined Gaussians rendered at the test cameras, and those renders restored
+REFINED = ("nifi_3d", "nifi_3d_plus")
 OUR_CODEC = "nifi3dgs"
 
 
@@ -240,7 +242,8 @@ def check_targets(df, key: str = "stlpips_alex", gain: float = 0.35, ssim_drop: 
     checks, lines = {}, []
     if "nifi" not in have or "compressed" not in have:
         return checks, ["no nifi or compressed rows: no targets checked"]
-    others = [m for m in METHOD_ORDER + sorted(have) if m in have and m not in ("nifi", "nifi_no_tsd", "3dgs", "compressed")]
+    others = [m for m in METHOD_ORDER + sorted(have)
+              if m in have and m not in ("nifi", "nifi_no_tsd", "3dgs", "compressed", *REFINED)]
     others = list(dict.fromkeys(others))
     for r in sorted(set(ours["rate"])):
         at = {m: g for m, g in ours[ours["rate"] == r].groupby("method")}
@@ -269,7 +272,44 @@ def check_targets(df, key: str = "stlpips_alex", gain: float = 0.35, ssim_drop: 
                 checks[f"{m}_periodic_like_gt_{r}"] = bool(hi < periodic_margin)
                 lines.append(f"{r}: {m} periodic-artifact excess over GT {e:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                              f"(target: upper bound < {periodic_margin})")
+        refined_checks(at, r, key, checks, lines)
     return checks, lines
+
+
+def refined_checks(at: dict, r: str, key: str, checks: dict, lines: list, gain: float = 0.20, psnr_drop_db: float = 0.3,
+                   consistency_margin: float = 0.05) -> None:
+    """NiFi-3D's targets at rate `r` (issue 15), on paired intervals: the refined 3DGS alone (`nifi_3d`) at least
+    `gain` better than the compressed render on `key` (lower bound), PSNR at most `psnr_drop_db` below it (lower
+    bound), multi-view inconsistency not above the compressed render's by more than `consistency_margin` (upper
+    bound; 1.0 = ground truth's); refined + per-frame NiFi (`nifi_3d_plus`) better than NiFi on `key` and PSNR."""
+    from .stats import paired_difference, relative_gain
+
+    c = at["compressed"]
+    if "nifi_3d" in at:
+        n3 = at["nifi_3d"]
+        g, lo, hi = relative_gain(c, n3, key, what=f"{r} nifi_3d vs compressed")
+        checks[f"nifi_3d_improves_{key}_{round(100 * gain)}pct_{r}"] = bool(lo >= gain)
+        lines.append(f"{r}: nifi_3d improves {key} over compressed by {100 * g:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] "
+                     f"(target: lower bound >= {100 * gain:.0f}%)")
+        if "psnr" in n3 and n3["psnr"].notna().all():
+            d, lo, hi = paired_difference(n3, c, "psnr", what=f"{r} nifi_3d vs compressed (psnr)")
+            checks[f"nifi_3d_psnr_within_{psnr_drop_db:g}_{r}"] = bool(lo >= -psnr_drop_db)
+            lines.append(f"{r}: nifi_3d - compressed psnr {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (target: lower bound >= -{psnr_drop_db:g})")
+        if n3["mv_consistency"].notna().any():
+            d, lo, hi = paired_difference(n3.dropna(subset=["mv_consistency"]), c.dropna(subset=["mv_consistency"]),
+                                          "mv_consistency", what=f"{r} nifi_3d vs compressed (mv_consistency)")
+            checks[f"nifi_3d_consistent_{r}"] = bool(hi <= consistency_margin)
+            lines.append(f"{r}: nifi_3d - compressed mv_consistency {d:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                         f"(target: upper bound <= {consistency_margin})")
+    if "nifi_3d_plus" in at and "nifi" in at:
+        p, n = at["nifi_3d_plus"], at["nifi"]
+        d, lo, hi = paired_difference(p, n, key, what=f"{r} nifi_3d_plus vs nifi")
+        checks[f"nifi_3d_plus_better_{key}_{r}"] = bool(hi < 0)
+        lines.append(f"{r}: nifi_3d_plus - nifi {key} {d:+.4f} [{lo:+.4f}, {hi:+.4f}] (target: upper bound < 0)")
+        if "psnr" in p and p["psnr"].notna().all():
+            d, lo, hi = paired_difference(p, n, "psnr", what=f"{r} nifi_3d_plus vs nifi (psnr)")
+            checks[f"nifi_3d_plus_better_psnr_{r}"] = bool(lo > 0)
+            lines.append(f"{r}: nifi_3d_plus - nifi psnr {d:+.3f} [{lo:+.3f}, {hi:+.3f}] (target: lower bound > 0)")
 
 
 # ---------------------------------------------------------------------- the stage's steps (one call each)
@@ -359,7 +399,7 @@ def run_methods(methods: list[str], lq: dict, views: dict, out_img: Path, device
             ims, ms = outputs.setdefault(("bm3d", *k), ([], []))
             ims.append(save_rgb(im, out_img / "bm3d" / k[0] / k[2] / views[k[0]][i]))
             ms.append(1000 * sec)
-    for m in [m for m in methods if m == "img2img" or m in NIFI_VARIANTS]:
+    for m in [m for m in methods if m == "img2img" or m in NIFI_VARIANTS]:  # REFINED: see run_refined
         r = Restorer.from_pretrained(base_model, device=device)
         if m == "img2img":
             def fn(x):
@@ -382,6 +422,79 @@ def run_methods(methods: list[str], lq: dict, views: dict, out_img: Path, device
                 ms.append(t_ms)
             outputs[(m, *k)] = (ims, ms)
     return outputs
+
+
+def _timed_render(scene, cam, background, device: torch.device) -> tuple[np.ndarray, float]:
+    import time
+
+    from .render import render
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        rgb = render(scene, cam, background=background)["rgb"]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = 1000 * (time.perf_counter() - t)
+    return (rgb.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), ms
+
+
+def run_refined(methods: list[str], keys: list[tuple], views: dict, data: Path, out_img: Path, device: torch.device,
+                base_model: Path, restorer_dir: Path, variant_cfg: dict, background, seed: int,
+                tile: int | None) -> tuple[dict, dict]:
+    """NiFi-3D rows: render the refine stage's `.ply` of every (scene, our codec, rate) at the test cameras
+    (`nifi_3d`, ms = one render), then restore those renders with NiFi (`nifi_3d_plus`, ms = render + restore).
+    The decoded level is rendered at the same cameras and timed the same way, so the two render times are
+    measured side by side. Returns (outputs like `run_methods`, {'render_decoded_ms', 'render_refined_ms'})."""
+    from . import codec
+    from .cameras import read_transforms
+    from .common import progress
+    from .gaussians import read_ply
+    from .restorer import Restorer
+
+    wanted = [m for m in REFINED if m in methods]
+    if not wanted:
+        return {}, {}
+    restore = None
+    if "nifi_3d_plus" in wanted:
+        r = Restorer.from_pretrained(base_model, device=device)
+        ckpt = restorer_dir / "nifi.pt"
+        if not ckpt.is_file():
+            raise NifiError(f"restorer checkpoint {ckpt} missing: run the distill stage")
+        r.load_lora(ckpt)
+        c = variant_cfg["nifi"]
+
+        def restore(x, c=c):
+            return r.restore(x, t0=c["t0"], seed=seed, tile=tile, sample=c["latent"] == "sample")
+    outputs, t_dec, t_ref = {}, [], []
+    for k in progress([k for k in keys if k[1] == OUR_CODEC], desc="nifi_3d"):
+        s, _, rate = k
+        ply = data / "refined" / s / f"{rate}.ply"
+        if not ply.is_file():
+            raise NifiError(f"refined scene {ply} missing: run the refine stage (dvc repro refine)")
+        cams = read_transforms(data / "scenes" / s / "transforms.json")
+        names = [Path(p).stem + ".png" for p in cams.file_paths]
+        refined = read_ply(ply).to(device)
+        decoded = codec.load(data / "bitstreams" / s / f"{rate}.nifi")[0].to(device)
+        _timed_render(refined, cams[names.index(views[s][0])], background, device)  # warm-up
+        ims, ms, ims_p, ms_p = [], [], [], []
+        for v in views[s]:
+            cam = cams[names.index(v)]
+            t_dec.append(_timed_render(decoded, cam, background, device)[1])
+            im, t = _timed_render(refined, cam, background, device)
+            t_ref.append(t)
+            ims.append(save_rgb(im, out_img / "nifi_3d" / s / rate / v))
+            ms.append(t)
+            if restore is not None:
+                y, t_r = _timed(restore, im, device)
+                ims_p.append(save_rgb(y, out_img / "nifi_3d_plus" / s / rate / v))
+                ms_p.append(t + t_r)
+        if "nifi_3d" in wanted:
+            outputs[("nifi_3d", *k)] = (ims, ms)
+        if restore is not None:
+            outputs[("nifi_3d_plus", *k)] = (ims_p, ms_p)
+    return outputs, {"render_decoded_ms": float(np.mean(t_dec)), "render_refined_ms": float(np.mean(t_ref))}
 
 
 def consistency_figure(meter: "ConsistencyMeter", gt_ims: list, outputs: dict, views: list[str], methods: list[str],

@@ -19,11 +19,13 @@ from .common import NifiError
 from .stats import MAY_BE_UNDEFINED, mean_ci, tiers
 
 # Table 1's row order: reference, unrestored, baselines, NiFi; anything else (external_*) after the baselines
-METHOD_ORDER = ["3dgs", "compressed", "bm3d", "img2img", "nifi", "nifi_no_tsd", "nifi_wo_t0"]
+METHOD_ORDER = ["3dgs", "compressed", "bm3d", "img2img", "nifi", "nifi_no_tsd", "nifi_wo_t0", "nifi_3d", "nifi_3d_plus"]
 METHOD_LABELS = {"3dgs": "3DGS (uncompressed)", "compressed": "compressed", "bm3d": "+ BM3D", "img2img": "+ Img2Img",
-                 "nifi": "+ NiFi", "nifi_no_tsd": "+ NiFi w/o TSD", "nifi_wo_t0": "+ NiFi w/o t0"}
+                 "nifi": "+ NiFi", "nifi_no_tsd": "+ NiFi w/o TSD", "nifi_wo_t0": "+ NiFi w/o t0",
+                 "nifi_3d": "NiFi-3D (refined 3DGS)", "nifi_3d_plus": "NiFi-3D + NiFi"}
 METHOD_COLORS = {"3dgs": "black", "compressed": "tab:gray", "bm3d": "tab:blue", "img2img": "tab:orange",
                  "nifi": "tab:red", "nifi_no_tsd": "tab:purple", "nifi_wo_t0": "tab:pink",
+                 "nifi_3d": "tab:brown", "nifi_3d_plus": "darkred",
                  "paper_SwinIR": "tab:green", "paper_DiffBIR": "tab:olive", "paper_Difix3D": "tab:cyan"}
 EXTRA_COLORS = ["tab:green", "tab:olive", "tab:cyan", "tab:brown", "gold", "teal"]
 HIGHER_IS_BETTER = {"psnr", "ssim"}
