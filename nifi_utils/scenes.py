@@ -457,6 +457,48 @@ def save_scene(folder: str | Path, scene: GaussianScene, cams: CameraSet, images
     return folder
 
 
+def build_scene(spec: SceneSpec, out_root: str | Path, gt_supersample: int = 1, device="cpu") -> dict:
+    """Generate, render and save one procedural scene (a pure function of `spec`); its summary record."""
+    scene, cams = generate_scene(spec)
+    images = render_views(scene.to(device), cams, supersample=gt_supersample, desc=spec.name)
+    meta = {"name": spec.name, "split": spec.split, "seed": spec.seed, "layout_id": spec.layout_id,
+            "source": "procedural", "n_gaussians": len(scene), "gt_supersample": gt_supersample}
+    folder = save_scene(Path(out_root) / spec.name, scene, cams, images, meta)
+    return {**meta, "n_views": len(cams), "ply_bytes": (folder / "point_cloud.ply").stat().st_size}
+
+
+def _worker_init(threads: int):
+    torch.set_num_threads(threads)
+
+
+def build_scenes(specs: list[SceneSpec], out_root: str | Path, gt_supersample: int = 1, device="cpu",
+                 workers: int = 1) -> list[dict]:
+    """`build_scene` for every spec, over `workers` spawned processes (one torch thread each on CPU: a small
+    render does not scale over threads, independent scenes do); records in the order of `specs`."""
+    device = str(device)
+    if workers <= 1 or len(specs) <= 1:
+        return [build_scene(s, out_root, gt_supersample, device) for s in progress(specs, desc="scenes")]
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = min(workers, len(specs))
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    records: dict[str, dict] = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as ex:
+        futs = {ex.submit(build_scene, s, out_root, gt_supersample, device): s.name for s in specs}
+        for fut in progress(as_completed(futs), total=len(futs), desc=f"scenes ({workers} workers)"):
+            name = futs[fut]
+            try:
+                records[name] = fut.result()
+            except Exception as e:  # a worker's error (or its death) fails the stage, naming the scene
+                ex.shutdown(wait=False, cancel_futures=True)
+                msg = " ".join(str(e).split())
+                raise NifiError(f"scene {name} failed in a worker process: {type(e).__name__}: {msg}") from e
+    return [records[s.name] for s in specs]
+
+
 def load_scene_folder(folder: str | Path) -> tuple[GaussianScene, CameraSet]:
     folder = Path(folder)
     return read_ply(folder / "point_cloud.ply"), read_transforms(folder / "transforms.json")

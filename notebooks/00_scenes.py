@@ -36,6 +36,7 @@ height = 48
 n_gaussians = 6000
 gt_supersample = 2
 sheet_views = 4
+workers = 1
 datasets = []
 
 # %%
@@ -44,8 +45,7 @@ import shutil
 import time
 
 from nifi_utils.common import pick_device, progress, provenance, repo_path
-from nifi_utils.scenes import (SceneSpec, contact_sheet, generate_scene, import_colmap_scene, render_views,
-                               save_scene, scene_seeds)
+from nifi_utils.scenes import SceneSpec, build_scenes, contact_sheet, import_colmap_scene, scene_seeds
 
 out_root = repo_path("data", profile, "scenes")
 report_path = repo_path("reports", profile, "scenes.json")
@@ -60,6 +60,8 @@ t_start = time.time()
 # ## Generate (or import) the scenes
 # Each procedural scene is a pure function of its seed. Ground-truth views are renders of the
 # scene's own Gaussians (on CPU, our tiled rasterizer; on CUDA, `gsplat.rasterization`).
+# Scenes are independent: on CPU they are spread over `workers` processes (one torch thread each: a
+# 128² render does not scale over threads, two scenes side by side do); the files do not depend on it.
 
 # %%
 records = []
@@ -69,13 +71,7 @@ if source == "procedural":
     # evaluation scenes may orbit with more views than training scenes: more held-out test views (idx % 8 == 0)
     specs += [SceneSpec(f"eval_{i:02d}", s, "eval", n_gaussians, n_views_eval or n_views, width, height)
               for i, s in enumerate(eval_seeds)]
-    for spec in progress(specs, desc="scenes"):
-        scene, cams = generate_scene(spec)
-        images = render_views(scene.to(device), cams, supersample=gt_supersample, desc=spec.name)
-        meta = {"name": spec.name, "split": spec.split, "seed": spec.seed, "layout_id": spec.layout_id,
-                "source": "procedural", "n_gaussians": len(scene), "gt_supersample": gt_supersample}
-        folder = save_scene(out_root / spec.name, scene, cams, images, meta)
-        records.append({**meta, "n_views": len(cams), "ply_bytes": (folder / "point_cloud.ply").stat().st_size})
+    records = build_scenes(specs, out_root, gt_supersample, device, workers if device.type == "cpu" else 1)
 elif source == "colmap":
     if not datasets:
         raise ValueError("scenes.paper.datasets is empty: list your COLMAP scenes in params.yaml (see README)")
@@ -102,6 +98,7 @@ summary = {
     "n_train": sum(r["split"] == "train" for r in records),
     "n_eval": sum(r["split"] == "eval" for r in records),
     "mean_ply_mb": sum(r["ply_bytes"] for r in records) / len(records) / 1e6,
+    "workers": workers,
     "seconds": round(seconds, 1),
     "provenance": provenance(profile, seed, device),
 }
