@@ -39,6 +39,9 @@ class SynthesisConfig:
     models: list = field(default_factory=lambda: ["categorical", "gaussian", "laplace"])
     finetune: dict = field(default_factory=dict)  # FinetuneConfig fields
     background: list = field(default_factory=lambda: [0.62, 0.70, 0.80])
+    # codec anchors on every evaluation scene's decoded levels: splat-transform formats (spz, sog,
+    # compressed.ply; LZMA/zstd on our symbols come with them); [] = none
+    anchors: list = field(default_factory=list)
 
     @classmethod
     def from_params(cls, p: dict) -> "SynthesisConfig":
@@ -46,7 +49,8 @@ class SynthesisConfig:
         ft = {k: p[f"finetune_{k}" if k in ("steps", "qat", "shared") else k]
               for k in ("steps", "qat", "shared", "level_sampling", "lr_means", "lr_quats", "lr_scales", "lr_opacity", "lr_sh", "lambda_dssim")
               if (f"finetune_{k}" if k in ("steps", "qat", "shared") else k) in p}
-        keys = ("n_levels", "c_min", "n_max", "sh_degrees", "scoring", "score_views", "bits", "pos_bits", "background")
+        keys = ("n_levels", "c_min", "n_max", "sh_degrees", "scoring", "score_views", "bits", "pos_bits", "background",
+                "anchors")
         kw = {k: p[k] for k in keys if k in p}
         if "entropy_models" in p:
             kw["models"] = list(p["entropy_models"])
@@ -177,6 +181,12 @@ def synthesize_scene(scene_dir: str | Path, data_root: str | Path, cfg: Synthesi
                "ratio_to_entropy_bound": enc.stats["ratio_to_entropy_bound"],
                "payload_bytes": enc.stats["payload_bytes"], "side_bytes": enc.stats["side_bytes"],
                "bits_per_gaussian": enc.stats["bits_per_gaussian"], "models": enc.stats["models"]}
+        if split == "eval" and cfg.anchors:
+            from .codec_anchors import codec_anchors
+
+            # the same decoded Gaussians stored by the ecosystem's formats and by general-purpose compressors
+            rec["anchors"] = codec_anchors(dec.to("cpu"), cfg.sh_degrees[l], cfg.bits, cfg.pos_bits, cameras=test_cams,
+                                           background=bg, gt_images=gts, formats=tuple(cfg.anchors))
         record["levels"].append(rec)
     record["config"] = asdict(cfg)
     (data_root / "records").mkdir(parents=True, exist_ok=True)
