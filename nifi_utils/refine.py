@@ -40,8 +40,8 @@ from .render import rasterization
 @dataclass
 class RefineConfig:
     # progressive rounds of (render, restore, fit) and Adam steps per round (one camera per step)
-    rounds: int = 2
-    steps_per_round: int = 60
+    rounds: int = 3
+    steps_per_round: int = 45
     # synthesised cameras: rings at these elevations (degrees above the content's ground), n per ring
     n_cameras: int = 16
     elevations_deg: list = field(default_factory=lambda: [15.0, 32.0])
@@ -60,20 +60,22 @@ class RefineConfig:
     confidence_tau: float = 0.15
     alpha_mask: float = 0.5
     # learning rates (means scaled by the content extent, as in 3DGS)
-    lr_means: float = 1.6e-4
+    lr_means: float = 3.2e-4
     lr_quats: float = 1e-3
-    lr_scales: float = 5e-3
-    lr_opacity: float = 2.5e-2
-    lr_sh: float = 2.5e-3
-    # densification: at these fractions of each round's steps, Gaussians whose mean screen-space
-    # gradient is above grad_threshold (pixels) are split (largest scale above split_scale x extent)
-    # or cloned, at most grow_per_event x the current count per event and max_growth x the decoded
-    # count in all; opacity below prune_opacity is pruned
-    densify_at: list = field(default_factory=lambda: [0.5])
-    grad_threshold: float = 0.002
+    lr_scales: float = 1e-2
+    lr_opacity: float = 5e-2
+    lr_sh: float = 1e-2
+    # densification: at these fractions of each round's steps, the Gaussians with the largest mean
+    # screen-space gradient (above grad_threshold, in pixels per unit loss; 0 = rank only) are split
+    # (largest scale above split_scale x extent) or cloned, at most grow_per_event x the current count
+    # per event and max_growth x the decoded count in all; opacity below prune_opacity is pruned.
+    # (3DGS's absolute threshold assumes thousands of steps; with tens per round a ranked budget is
+    # what bounds the growth)
+    densify_at: list = field(default_factory=lambda: [0.3])
+    grad_threshold: float = 0.0
     split_scale: float = 0.01
-    grow_per_event: float = 0.5
-    max_growth: float = 2.0
+    grow_per_event: float = 0.3
+    max_growth: float = 2.5
     prune_opacity: float = 0.005
     # split: 'axis' (two children along the largest axis, variance kept) or 'isotropic' (3DGS: two samples
     # from the parent, scales / 1.6); halve_opacity: copies get 1 - sqrt(1 - o) (density kept)
