@@ -336,3 +336,89 @@ def heldout_pairs(renders_root: Path, scenes: list[str], per_level: int) -> tupl
     lq = torch.from_numpy(np.stack([h[1] for h in held])).permute(0, 3, 1, 2).float() / 255
     hq = torch.from_numpy(np.stack([h[2] for h in held])).permute(0, 3, 1, 2).float() / 255
     return lq, hq, np.array([h[0] for h in held])
+
+
+# ---------------------------------------------------------------------- held-out evaluation and the variants
+class HeldoutEval:
+    """`evaluate(d)` for `Distiller.train`: held-out ST-LPIPS (overall and per level) of d's restorations and the
+    lattice they paint (periodic-artifact score minus the ground truth's; 0: none). Picklable for worker processes."""
+
+    def __init__(self, lq: torch.Tensor, hq: torch.Tensor, lv: np.ndarray, seed: int = 0):
+        from .metrics import periodic_artifact
+
+        self.lq, self.hq, self.lv, self.seed = lq, hq, lv, seed
+        self.levels = sorted(set(lv.tolist()))
+        self.gt_periodic = periodic_artifact(hq)
+
+    def __call__(self, d: Distiller) -> dict:
+        from .metrics import periodic_artifact, stlpips
+
+        with torch.no_grad():
+            out = torch.cat([d.r.restore(self.lq[i:i + 8], t0=d.cfg.t0, seed=self.seed) for i in range(0, len(self.lq), 8)])
+        lp = stlpips(out, self.hq).numpy()
+        pa = float((periodic_artifact(out) - self.gt_periodic).mean())
+        return {"heldout_stlpips": float(lp.mean()), "heldout_periodic_excess": pa,
+                **{f"heldout_stlpips_level{lv}": float(lp[self.lv == lv].mean()) for lv in self.levels}}
+
+
+def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: str | Path, out_path: str | Path,
+                  pairs: PairSet, evaluate: HeldoutEval, device="cpu") -> dict:
+    """Distil one variant from the prior, seeded from `cfg.seed` alone (so it does not matter which process or
+    which other variants ran before); resumes from `ckpt`, exports `out_path`. Its result record and history."""
+    import resource
+    import time
+
+    from .common import seed_everything
+
+    seed_everything(cfg.seed)
+    d = Distiller(Restorer.from_pretrained(base_model, device=device), cfg)
+    if (Path(ckpt) / "training_state.pt").is_file():
+        d.load_checkpoint(ckpt)
+        print(f"{name}: resuming at step {d.step}", flush=True)
+    t = time.time()
+    if not d.history:
+        d.history.append({"step": 0, **evaluate(d)})
+    d.train(pairs, cfg.steps, checkpoint_dir=Path(ckpt), evaluate=evaluate, desc=name)
+    if d.history[-1].get("heldout_stlpips") is None:
+        d.history[-1].update(evaluate(d))
+    d.export(out_path)
+    result = {"config": config_dict(cfg), "seconds": time.time() - t, "final": d.history[-1],
+              "ckpt_bytes": Path(out_path).stat().st_size}
+    print(f"{name}: {result['seconds']:.0f} s, held-out ST-LPIPS {d.history[-1]['heldout_stlpips']:.4f}", flush=True)
+    return {"name": name, "result": result, "history": d.history,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _worker_init(threads: int):
+    torch.set_num_threads(threads)
+
+
+def _variant_job(job: dict) -> dict:
+    return train_variant(**job)
+
+
+def train_variants(jobs: list[dict], workers: int = 1) -> list[dict]:
+    """`train_variant(**job)` for every job, over `workers` spawned processes (one torch thread each on CPU: the
+    small transformer does not scale over threads, independent variants do); results in the order of `jobs`."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [train_variant(**j) for j in jobs]
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    done: dict[str, dict] = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as ex:
+        futs = {ex.submit(_variant_job, j): j["name"] for j in jobs}
+        for fut in as_completed(futs):
+            name = futs[fut]
+            try:
+                done[name] = fut.result()
+            except Exception as e:  # a worker's error (or its death) fails the stage, naming the variant
+                ex.shutdown(wait=False, cancel_futures=True)
+                msg = " ".join(str(e).split())
+                raise NifiError(f"variant {name} failed in a worker process: {type(e).__name__}: {msg}") from e
+            print(f"variants done: {len(done)}/{len(jobs)} ({name})", flush=True)
+    return [done[j["name"]] for j in jobs]

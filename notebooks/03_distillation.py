@@ -18,8 +18,10 @@
 # `reports/<profile>/distill.json`, `reports/<profile>/distill_curves.csv` (DVC plots),
 # `reports/<profile>/figures/distill_examples.png`.
 #
-# **Runtime.** `tiny` ~20 s · `cpu` ~11 min on 2 cores for the three variants · `paper`: SD3-medium,
-# 60k steps, batch 4, ~2 days on one H200 (GPU only).
+# **Runtime.** `tiny` ~30 s (of which ~10 s starting worker processes when `workers: 2`) · `cpu` 14.8 min on
+# 2 cores with the variants one after another (345 + 350 + 181 s, 2 torch threads); with `workers: 2` two variants
+# train side by side (one thread each), not yet timed on the full stage (the last cell prints this run's time) ·
+# `paper`: SD3-medium, 60k steps, batch 4, ~2 days on one H200 (GPU only).
 
 # %% tags=["parameters"]
 profile = "tiny"
@@ -52,6 +54,7 @@ checkpoint_every = 5
 eval_every = 5
 mixed_precision = "no"
 eval_views = 8
+workers = 1
 
 # %%
 import hashlib
@@ -64,9 +67,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
-from nifi_utils.distill import DistillConfig, Distiller, PairSet, config_dict, heldout_pairs
-from nifi_utils.metrics import METRIC_BACKENDS, periodic_artifact, stlpips
+from nifi_utils.common import pick_device, provenance, repo_path
+from nifi_utils.distill import DistillConfig, HeldoutEval, PairSet, config_dict, heldout_pairs, train_variants
+from nifi_utils.metrics import METRIC_BACKENDS, stlpips
 from nifi_utils.restorer import Restorer
 
 out_dir = repo_path("data", profile, "restorer")
@@ -90,24 +93,17 @@ train_scenes = sorted({m[0] for m in pairs.meta})  # the training split, whateve
 held_lq, held_hq, held_lv = heldout_pairs(repo_path("data", profile, "renders"), train_scenes, eval_views)
 levels = sorted(set(held_lv.tolist()))
 compressed_lp = stlpips(held_lq, held_hq).numpy()
-held_gt_periodic = periodic_artifact(held_hq)
 print({f"level{lv}": float(compressed_lp[held_lv == lv].mean()) for lv in levels}, "(compressed, ST-LPIPS)")
-
-
-def evaluate(d: Distiller) -> dict:
-    with torch.no_grad():
-        out = torch.cat([d.r.restore(held_lq[i:i + 8], t0=d.cfg.t0, seed=seed) for i in range(0, len(held_lq), 8)])
-    lp = stlpips(out, held_hq).numpy()
-    # the lattice a restorer paints, per step: its periodic-artifact score minus the ground truth's (0: none)
-    pa = float((periodic_artifact(out) - held_gt_periodic).mean())
-    return {"heldout_stlpips": float(lp.mean()), "heldout_periodic_excess": pa,
-            **{f"heldout_stlpips_level{lv}": float(lp[held_lv == lv].mean()) for lv in levels}}
+# held-out ST-LPIPS per level and the lattice a restorer paints (its periodic-artifact score minus the GT's), per eval step
+evaluate = HeldoutEval(held_lq, held_hq, held_lv, seed)
 
 
 # %% [markdown]
 # ## Train the variants
 # One `Distiller` per variant from the same prior and seed; a checkpoint every `checkpoint_every` steps
-# lets an interrupted run continue (same config hash) where it stopped.
+# lets an interrupted run continue (same config hash) where it stopped. Variants are independent: on CPU
+# they train side by side in `workers` processes (one torch thread each: the small transformer does not
+# scale over threads, two variants do); each seeds itself from `seed`, so results do not depend on `workers`.
 
 # %%
 base_cfg = dict(rank=rank, critic_rank=critic_rank, t0=t0, alpha=alpha, cfg_scale=cfg_scale, tsd_weight=tsd_weight,
@@ -118,28 +114,16 @@ base_cfg = dict(rank=rank, critic_rank=critic_rank, t0=t0, alpha=alpha, cfg_scal
                 eval_every=eval_every, mixed_precision=mixed_precision, seed=seed)
 # the ablations: Table 1's w/o t0; without the distribution-matching term; without the perceptual term
 VARIANTS = {"nifi": {}, "nifi_wo_t0": {"t0": None}, "nifi_no_tsd": {"tsd_weight": 0.0}, "nifi_no_perc": {"perceptual_weight": 0.0}}
-results, curves = {}, []
+jobs = []
 for name in variants:
     cfg = DistillConfig(**{**base_cfg, **VARIANTS[name]})
     key = hashlib.sha1(json.dumps([config_dict(cfg), base_model], sort_keys=True).encode()).hexdigest()[:12]
-    ckpt = ckpt_root / f"{name}-{key}"
-    seed_everything(seed)
-    d = Distiller(Restorer.from_pretrained(repo_path(base_model), device=device), cfg)
-    if (ckpt / "training_state.pt").is_file():
-        d.load_checkpoint(ckpt)
-        print(f"{name}: resuming at step {d.step}")
-    t = time.time()
-    if not d.history:
-        d.history.append({"step": 0, **evaluate(d)})
-    d.train(pairs, cfg.steps, checkpoint_dir=ckpt, evaluate=evaluate, desc=name)
-    if d.history[-1].get("heldout_stlpips") is None:
-        d.history[-1].update(evaluate(d))
-    d.export(out_dir / f"{name}.pt")
-    results[name] = {"config": config_dict(cfg), "seconds": time.time() - t, "final": d.history[-1],
-                     "ckpt_bytes": (out_dir / f"{name}.pt").stat().st_size}
-    curves += [{"variant": name, **h} for h in d.history]
-    print(f"{name}: {time.time() - t:.0f} s, held-out ST-LPIPS {d.history[-1]['heldout_stlpips']:.4f}")
-    del d
+    jobs.append({"name": name, "cfg": cfg, "base_model": str(repo_path(base_model)), "ckpt": str(ckpt_root / f"{name}-{key}"),
+                 "out_path": str(out_dir / f"{name}.pt"), "pairs": pairs, "evaluate": evaluate, "device": str(device)})
+done = train_variants(jobs, workers if device.type == "cpu" else 1)
+results = {r["name"]: r["result"] for r in done}
+curves = [{"variant": r["name"], **h} for r in done for h in r["history"]]
+peak_rss_gb = max(r["peak_rss_gb"] for r in done)  # the largest process (with workers, each holds its own prior)
 shutil.rmtree(ckpt_root, ignore_errors=True)  # finished: checkpoints are no longer needed
 
 # %% [markdown]
@@ -202,7 +186,8 @@ for k, v in checks.items():
 report = {"variants": results, "compressed_heldout_stlpips": {f"level{lv}": float(compressed_lp[held_lv == lv].mean()) for lv in levels},
           "checks": checks, "n_pairs": len(pairs.lq), "n_heldout": len(held_lq), "base_model": base_model,
           "metric_backends": {k: METRIC_BACKENDS[k] for k in ("stlpips_alex", "periodic")},
-          "peak_rss_gb": __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20,
+          "peak_rss_gb": max(peak_rss_gb, __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20),
+          "workers": workers,
           "seconds": round(time.time() - t_start, 1), "provenance": provenance(profile, seed, device)}
 report_path.write_text(json.dumps(report, indent=1, default=str))
 print(f"stage time {time.time() - t_start:.0f} s, peak RSS {report['peak_rss_gb']:.2f} GB")
