@@ -405,6 +405,7 @@ def train_variants(jobs: list[dict], workers: int = 1) -> list[dict]:
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     workers = min(workers, len(jobs))
     threads = max(1, (os.cpu_count() or 2) // workers)
@@ -418,6 +419,10 @@ def train_variants(jobs: list[dict], workers: int = 1) -> list[dict]:
                 done[name] = fut.result()
             except Exception as e:  # a worker's error (or its death) fails the stage, naming the variant
                 ex.shutdown(wait=False, cancel_futures=True)
+                if isinstance(e, BrokenProcessPool):  # a worker died (killed, out of memory): any unfinished job may be it
+                    left = ", ".join(n for n in futs.values() if n not in done)
+                    raise NifiError(f"a variant worker process died (killed or out of memory?) with variants {left} "
+                                    f"unfinished") from e
                 msg = " ".join(str(e).split())
                 raise NifiError(f"variant {name} failed in a worker process: {type(e).__name__}: {msg}") from e
             print(f"variants done: {len(done)}/{len(jobs)} ({name})", flush=True)

@@ -481,6 +481,7 @@ def build_scenes(specs: list[SceneSpec], out_root: str | Path, gt_supersample: i
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     workers = min(workers, len(specs))
     threads = max(1, (os.cpu_count() or 2) // workers)
@@ -494,6 +495,10 @@ def build_scenes(specs: list[SceneSpec], out_root: str | Path, gt_supersample: i
                 records[name] = fut.result()
             except Exception as e:  # a worker's error (or its death) fails the stage, naming the scene
                 ex.shutdown(wait=False, cancel_futures=True)
+                if isinstance(e, BrokenProcessPool):  # a worker died (killed, out of memory): any unfinished job may be it
+                    left = ", ".join(n for n in futs.values() if n not in records)
+                    raise NifiError(f"a scene worker process died (killed or out of memory?) with scenes {left} "
+                                    f"unfinished") from e
                 msg = " ".join(str(e).split())
                 raise NifiError(f"scene {name} failed in a worker process: {type(e).__name__}: {msg}") from e
     return [records[s.name] for s in specs]
