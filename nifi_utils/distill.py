@@ -389,41 +389,14 @@ def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: s
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def _worker_init(threads: int):
-    torch.set_num_threads(threads)
-
-
 def _variant_job(job: dict) -> dict:
     return train_variant(**job)
 
 
 def train_variants(jobs: list[dict], workers: int = 1) -> list[dict]:
-    """`train_variant(**job)` for every job, over `workers` spawned processes (one torch thread each on CPU: the
-    small transformer does not scale over threads, independent variants do); results in the order of `jobs`."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [train_variant(**j) for j in jobs]
-    import multiprocessing as mp
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
+    """`train_variant(**job)` for every job, over `workers` spawned processes (`workers.process_map`: one torch
+    thread each on CPU: the small transformer does not scale over threads, independent variants do); results in
+    the order of `jobs`."""
+    from .workers import process_map
 
-    workers = min(workers, len(jobs))
-    threads = max(1, (os.cpu_count() or 2) // workers)
-    done: dict[str, dict] = {}
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as ex:
-        futs = {ex.submit(_variant_job, j): j["name"] for j in jobs}
-        for fut in as_completed(futs):
-            name = futs[fut]
-            try:
-                done[name] = fut.result()
-            except Exception as e:  # a worker's error (or its death) fails the stage, naming the variant
-                ex.shutdown(wait=False, cancel_futures=True)
-                if isinstance(e, BrokenProcessPool):  # a worker died (killed, out of memory): any unfinished job may be it
-                    left = ", ".join(n for n in futs.values() if n not in done)
-                    raise NifiError(f"a variant worker process died (killed or out of memory?) with variants {left} "
-                                    f"unfinished") from e
-                msg = " ".join(str(e).split())
-                raise NifiError(f"variant {name} failed in a worker process: {type(e).__name__}: {msg}") from e
-            print(f"variants done: {len(done)}/{len(jobs)} ({name})", flush=True)
-    return [done[j["name"]] for j in jobs]
+    return process_map(_variant_job, jobs, workers, names=[j["name"] for j in jobs], what="variant", desc="variants")

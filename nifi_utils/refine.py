@@ -391,10 +391,6 @@ def refine_file(nifi_path, out_ply, base_model, ckpt, cfg: RefineConfig, device=
             "sh_degree": head["sh_degree"]}
 
 
-def _worker_init(threads: int):
-    torch.set_num_threads(threads)
-
-
 def _job(job: dict) -> dict:
     cfg = RefineConfig.from_params(job["config"])
     rep = refine_file(job["nifi"], job["out"], job["base_model"], job["ckpt"], cfg, job.get("device", "cpu"),
@@ -404,15 +400,9 @@ def _job(job: dict) -> dict:
 
 def refine_many(jobs: list[dict], workers: int = 1) -> list[dict]:
     """Run refine jobs ({scene, rate, nifi, out, base_model, ckpt, config, device}) over `workers` processes
-    (one torch thread each on CPU: small renders do not scale over threads, independent jobs do)."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [_job(j) for j in progress(jobs, desc="refine")]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    (`workers.process_map`: one torch thread each on CPU; small renders do not scale over threads, independent
+    jobs do)."""
+    from .workers import process_map
 
-    import os
-
-    threads = max(1, (os.cpu_count() or 2) // workers)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as ex:
-        return list(progress(ex.map(_job, jobs), total=len(jobs), desc="refine"))
+    return process_map(_job, jobs, workers, names=[f"{j['scene']} {j['rate']}" for j in jobs], what="refine job",
+                       desc="refine")

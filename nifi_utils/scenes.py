@@ -21,7 +21,7 @@ import torch
 
 from .cameras import Camera, CameraSet, look_at, read_transforms, split_indices, write_transforms
 from .common import NifiError, progress
-from .gaussians import GaussianScene, num_sh_bases, read_ply, rgb_to_sh0
+from .gaussians import GaussianScene, read_ply, rgb_to_sh0
 
 # ---------------------------------------------------------------- textures
 # Photographic textures that evaluation scenes use and training scenes never see (fixed split).
@@ -467,41 +467,16 @@ def build_scene(spec: SceneSpec, out_root: str | Path, gt_supersample: int = 1, 
     return {**meta, "n_views": len(cams), "ply_bytes": (folder / "point_cloud.ply").stat().st_size}
 
 
-def _worker_init(threads: int):
-    torch.set_num_threads(threads)
-
-
 def build_scenes(specs: list[SceneSpec], out_root: str | Path, gt_supersample: int = 1, device="cpu",
                  workers: int = 1) -> list[dict]:
-    """`build_scene` for every spec, over `workers` spawned processes (one torch thread each on CPU: a small
-    render does not scale over threads, independent scenes do); records in the order of `specs`."""
-    device = str(device)
-    if workers <= 1 or len(specs) <= 1:
-        return [build_scene(s, out_root, gt_supersample, device) for s in progress(specs, desc="scenes")]
-    import multiprocessing as mp
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
+    """`build_scene` for every spec, over `workers` spawned processes (`workers.process_map`: one torch thread
+    each on CPU); records in the order of `specs`."""
+    from functools import partial
 
-    workers = min(workers, len(specs))
-    threads = max(1, (os.cpu_count() or 2) // workers)
-    records: dict[str, dict] = {}
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as ex:
-        futs = {ex.submit(build_scene, s, out_root, gt_supersample, device): s.name for s in specs}
-        for fut in progress(as_completed(futs), total=len(futs), desc=f"scenes ({workers} workers)"):
-            name = futs[fut]
-            try:
-                records[name] = fut.result()
-            except Exception as e:  # a worker's error (or its death) fails the stage, naming the scene
-                ex.shutdown(wait=False, cancel_futures=True)
-                if isinstance(e, BrokenProcessPool):  # a worker died (killed, out of memory): any unfinished job may be it
-                    left = ", ".join(n for n in futs.values() if n not in records)
-                    raise NifiError(f"a scene worker process died (killed or out of memory?) with scenes {left} "
-                                    f"unfinished") from e
-                msg = " ".join(str(e).split())
-                raise NifiError(f"scene {name} failed in a worker process: {type(e).__name__}: {msg}") from e
-    return [records[s.name] for s in specs]
+    from .workers import process_map
+
+    fn = partial(build_scene, out_root=out_root, gt_supersample=gt_supersample, device=str(device))
+    return process_map(fn, specs, workers, names=[s.name for s in specs], what="scene", desc="scenes")
 
 
 def load_scene_folder(folder: str | Path) -> tuple[GaussianScene, CameraSet]:
