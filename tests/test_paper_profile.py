@@ -147,7 +147,8 @@ def _paper_params(params: dict, user: dict) -> dict:
     """The paper sub-sections, same keys: paths to the fake data, sizes from the tiny sub-sections."""
     from nifi_utils.metrics import metric_available
 
-    p = {s: dict(params[s]["paper"]) for s in ("scenes", "synthesis", "prior", "distill", "benchmark", "plots")}
+    p = {s: dict(params[s]["paper"]) for s in ("scenes", "synthesis", "prior", "distill", "refine", "benchmark", "plots",
+                                               "viewer")}
     tiny = {s: params[s]["tiny"] for s in p}
     p["scenes"].update(datasets=user["datasets"])
     p["synthesis"].update({k: tiny["synthesis"][k] for k in ("c_min", "workers")}, finetune_steps=5,
@@ -155,6 +156,8 @@ def _paper_params(params: dict, user: dict) -> dict:
     p["prior"].update(sd3_dir=user["sd3_dir"], sd3_embeddings=user["sd3_embeddings"])
     p["distill"].update({k: tiny["distill"][k] for k in ("rank", "critic_rank", "batch", "eval_views")},
                         base_model=user["sd3_dir"], steps=2, checkpoint_every=2, eval_every=2, crop=32)
+    p["refine"].update(base_model=user["sd3_dir"], config=tiny["refine"]["config"])
+    p["viewer"].update({k: tiny["viewer"][k] for k in ("workers", "browser_checks")})
     p["benchmark"].update(base_model=user["sd3_dir"], img2img_steps=2)
     p["plots"].update({k: tiny["plots"][k] for k in ("grid_views", "grid_crop")})
     # LPIPS / DISTS need torchvision's ImageNet weights. The benchmark skips them with a note, but the
@@ -203,7 +206,7 @@ def _run_paper_profile(tmp_path: Path, device: str) -> None:
     # the README's paper recipe: the frozen prior stage checks the SD3 folder once, then DVC runs the rest
     run(sys.executable, "-m", "nifi_utils.run", "prior", "--profile", "paper", "--quiet")
     out = run("dvc", "exp", "run", "-S", "profile=paper")
-    for stage in ("scenes", "synthesis", "distill", "benchmark", "plots"):
+    for stage in ("scenes", "synthesis", "distill", "refine", "benchmark", "plots", "viewer"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
     assert "Running stage 'prior'" not in out
     assert "Running stage" not in run("dvc", "repro")  # nothing left to do: the lock matches
@@ -232,8 +235,10 @@ def _run_paper_profile(tmp_path: Path, device: str) -> None:
 
     df = pd.read_csv(rep / "benchmark.csv", dtype={"view": str, "rate": str})
     methods = ["compressed", *paper["benchmark"]["methods"]]
+    # NiFi-3D refines our codec's bitstreams; another codec's renders have no Gaussians to refine
     want = {(m, "nifi3dgs", f"level{i}") for m in methods for i in range(3)} | {
-        (m, "hacpp", r) for m in methods for r in HACPP_RATES} | {("3dgs", "uncompressed", "uncompressed")}
+        (m, "hacpp", r) for m in methods if not m.startswith("nifi_3d") for r in HACPP_RATES} | {
+        ("3dgs", "uncompressed", "uncompressed")}
     assert set(zip(df["method"], df["codec"], df["rate"])) == want
     assert (df.groupby(["method", "codec", "rate"]).size() == 2).all()  # the eval scene's 2 test views
     assert set(df["scene"]) == {"mipnerf360_fake"} and set(df["device"]) == {device}
