@@ -456,7 +456,7 @@ def run_refined(methods: list[str], keys: list[tuple], views: dict, data: Path, 
     wanted = [m for m in REFINED if m in methods]
     if not wanted:
         return {}, {}
-    restore = None
+    restore_fn = None
     if "nifi_3d_plus" in wanted:
         r = Restorer.from_pretrained(base_model, device=device)
         ckpt = restorer_dir / "nifi.pt"
@@ -465,8 +465,9 @@ def run_refined(methods: list[str], keys: list[tuple], views: dict, data: Path, 
         r.load_lora(ckpt)
         c = variant_cfg["nifi"]
 
-        def restore(x, c=c):
+        def _restore(x, c=c):
             return r.restore(x, t0=c["t0"], seed=seed, tile=tile, sample=c["latent"] == "sample")
+        restore_fn = _restore
     outputs, t_dec, t_ref = {}, [], []
     for k in progress([k for k in keys if k[1] == OUR_CODEC], desc="nifi_3d"):
         s, _, rate = k
@@ -486,13 +487,13 @@ def run_refined(methods: list[str], keys: list[tuple], views: dict, data: Path, 
             t_ref.append(t)
             ims.append(save_rgb(im, out_img / "nifi_3d" / s / rate / v))
             ms.append(t)
-            if restore is not None:
-                y, t_r = _timed(restore, im, device)
+            if restore_fn is not None:
+                y, t_r = _timed(restore_fn, im, device)
                 ims_p.append(save_rgb(y, out_img / "nifi_3d_plus" / s / rate / v))
                 ms_p.append(t + t_r)
         if "nifi_3d" in wanted:
             outputs[("nifi_3d", *k)] = (ims, ms)
-        if restore is not None:
+        if restore_fn is not None:
             outputs[("nifi_3d_plus", *k)] = (ims_p, ms_p)
     return outputs, {"render_decoded_ms": float(np.mean(t_dec)), "render_refined_ms": float(np.mean(t_ref))}
 

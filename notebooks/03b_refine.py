@@ -45,10 +45,10 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
 from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
-from nifi_utils.refine import RefineConfig, load_restorer, orbit_cameras, content_frame, refine_many, render_all, restore_views
+from nifi_utils.refine import (RefineConfig, content_frame, load_restorer, orbit_cameras, refine_many, render_all,
+                               restore_views)
 
 t_start = time.time()
 seed_everything(seed)
