@@ -365,17 +365,38 @@ def benchmark_inputs(data: Path, eval_scenes: list[str], records: dict, synthesi
     return inputs
 
 
-def _timed(fn, im: np.ndarray, device: torch.device) -> tuple[torch.Tensor, float]:
+def _clock(fn, device: torch.device):
+    """(fn(), milliseconds), with the GPU's queue drained before and after so the time is the work's."""
     import time
 
-    x = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    y = fn(x)
+    y = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return y[0].cpu(), 1000 * (time.perf_counter() - t)
+    return y, 1000 * (time.perf_counter() - t)
+
+
+def _timed(fn, im: np.ndarray, device: torch.device) -> tuple[torch.Tensor, float]:
+    x = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255
+    y, ms = _clock(lambda: fn(x), device)
+    return y[0].cpu(), ms
+
+
+def nifi_restore_fn(variant: str, base_model: Path, restorer_dir: Path, cfg: dict, device: torch.device, seed: int,
+                    tile: int | None):
+    """A distilled variant's one-step restore [1,3,H,W] -> [1,3,H,W], with the t0 and latent mode it was trained with."""
+    from .restorer import Restorer
+
+    ckpt = restorer_dir / f"{variant}.pt"
+    if not ckpt.is_file():
+        raise NifiError(f"restorer checkpoint {ckpt} missing: run the distill stage (variants in params.yaml)")
+    r = Restorer.from_pretrained(base_model, device=device).load_lora(ckpt)
+
+    def fn(x):
+        return r.restore(x, t0=cfg["t0"], seed=seed, tile=tile, sample=cfg["latent"] == "sample")
+    return fn
 
 
 def run_methods(methods: list[str], lq: dict, views: dict, out_img: Path, device: torch.device, base_model: Path,
@@ -400,19 +421,13 @@ def run_methods(methods: list[str], lq: dict, views: dict, out_img: Path, device
             ims.append(save_rgb(im, out_img / "bm3d" / k[0] / k[2] / views[k[0]][i]))
             ms.append(1000 * sec)
     for m in [m for m in methods if m == "img2img" or m in NIFI_VARIANTS]:  # REFINED: see run_refined
-        r = Restorer.from_pretrained(base_model, device=device)
         if m == "img2img":
+            r = Restorer.from_pretrained(base_model, device=device)
+
             def fn(x):
                 return r.img2img(x, t0=t0, steps=img2img_steps, guidance=img2img_guidance, seed=seed, tile=tile)
         else:
-            ckpt = restorer_dir / f"{m}.pt"
-            if not ckpt.is_file():
-                raise NifiError(f"restorer checkpoint {ckpt} missing: run the distill stage (variants in params.yaml)")
-            r.load_lora(ckpt)
-            c = variant_cfg[m]
-
-            def fn(x, c=c):
-                return r.restore(x, t0=c["t0"], seed=seed, tile=tile, sample=c["latent"] == "sample")
+            fn = nifi_restore_fn(m, base_model, restorer_dir, variant_cfg[m], device, seed, tile)
         _timed(fn, lq[keys[0]][0], device)  # warm-up (allocations, kernels) is not part of the timing
         for k in progress(keys, desc=m):
             ims, ms = [], []
@@ -425,18 +440,10 @@ def run_methods(methods: list[str], lq: dict, views: dict, out_img: Path, device
 
 
 def _timed_render(scene, cam, background, device: torch.device) -> tuple[np.ndarray, float]:
-    import time
-
     from .render import render
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
     with torch.no_grad():
-        rgb = render(scene, cam, background=background)["rgb"]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    ms = 1000 * (time.perf_counter() - t)
+        rgb, ms = _clock(lambda: render(scene, cam, background=background)["rgb"], device)
     return (rgb.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8), ms
 
 
@@ -451,23 +458,12 @@ def run_refined(methods: list[str], keys: list[tuple], views: dict, data: Path, 
     from .cameras import read_transforms
     from .common import progress
     from .gaussians import read_ply
-    from .restorer import Restorer
 
     wanted = [m for m in REFINED if m in methods]
     if not wanted:
         return {}, {}
-    restore_fn = None
-    if "nifi_3d_plus" in wanted:
-        r = Restorer.from_pretrained(base_model, device=device)
-        ckpt = restorer_dir / "nifi.pt"
-        if not ckpt.is_file():
-            raise NifiError(f"restorer checkpoint {ckpt} missing: run the distill stage")
-        r.load_lora(ckpt)
-        c = variant_cfg["nifi"]
-
-        def _restore(x, c=c):
-            return r.restore(x, t0=c["t0"], seed=seed, tile=tile, sample=c["latent"] == "sample")
-        restore_fn = _restore
+    restore_fn = (nifi_restore_fn("nifi", base_model, restorer_dir, variant_cfg["nifi"], device, seed, tile)
+                  if "nifi_3d_plus" in wanted else None)
     outputs, t_dec, t_ref = {}, [], []
     for k in progress([k for k in keys if k[1] == OUR_CODEC], desc="nifi_3d"):
         s, _, rate = k
