@@ -272,12 +272,12 @@ def _optimizer(params: dict, cfg: RefineConfig, extent: float) -> torch.optim.Ad
 
 
 # ------------------------------------------------------------------------------ the refinement
-def refine_scene(scene: GaussianScene, restorer, cfg: RefineConfig, device="cpu", desc: str = "refine",
-                 callback=None) -> tuple[GaussianScene, dict]:
+def refine_scene(scene: GaussianScene, restorer, cfg: RefineConfig, device="cpu",
+                 desc: str = "refine") -> tuple[GaussianScene, dict]:
     """Refine decoded Gaussians against restored renders of synthesised cameras.
 
     Returns (refined scene, report: cameras' frame, loss per step, counts per densification event,
-    seconds). `callback(round, cams, renders, restored)` sees each round's pseudo-views (figures)."""
+    seconds)."""
     t_start = time.time()
     dev = torch.device(device)
     base = scene.detach().to(dev, torch.float32)
@@ -302,8 +302,6 @@ def refine_scene(scene: GaussianScene, restorer, cfg: RefineConfig, device="cpu"
         cur_rgb, _ = render_all(GaussianScene(**{k: v.detach() for k, v in params.items()}), cams, bg)
         target = restore_views(restorer, cur_rgb, cfg)
         conf = torch.exp(-(target - anchor_rgb).abs().mean(-1, keepdim=True) / cfg.confidence_tau) * seen
-        if callback is not None:
-            callback(r, cams, cur_rgb, target)
         round_stats.append({"round": r, "mean_confidence": float(conf.mean()),
                             "restored_change": float((target - cur_rgb).abs().mean())})
         opt = _optimizer(params, cfg, extent)
