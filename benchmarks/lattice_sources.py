@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,13 +37,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lattice_sources.json"))
     args = ap.parse_args(argv)
 
-    import torch
+    import tempfile
 
-    from nifi_utils.common import provenance, seed_everything
-    from nifi_utils.distill import DistillConfig, Distiller, PairSet, config_dict, heldout_pairs
+    from nifi_utils.common import provenance
+    from nifi_utils.distill import DistillConfig, HeldoutEval, PairSet, config_dict, heldout_pairs, train_variant
     from nifi_utils.metrics import periodic_artifact, stlpips
     from nifi_utils.params import load_params
-    from nifi_utils.restorer import Restorer
 
     p = load_params(ROOT / "params.yaml")["distill"][args.profile]
     fields = set(DistillConfig.__dataclass_fields__)
@@ -52,31 +50,20 @@ def main(argv=None) -> int:
                                                           "checkpoint_every": 10**9, "seed": 0}
     data = ROOT / "data" / args.profile
     pairs = PairSet.from_pairs_dir(data / "pairs")
-    lq, hq, _ = heldout_pairs(data / "renders", sorted({m[0] for m in pairs.meta}), p["eval_views"])
-    gt_periodic = periodic_artifact(hq)
+    lq, hq, lv = heldout_pairs(data / "renders", sorted({m[0] for m in pairs.meta}), p["eval_views"])
+    # each variant is scored with the latent mode it trains with (the distill stage's curves sample)
+    evaluate = HeldoutEval(lq, hq, lv, seed=0, sample=None)
     results = {"compressed": {"heldout_stlpips": float(stlpips(lq, hq).mean()),
-                              "heldout_periodic_excess": float((periodic_artifact(lq) - gt_periodic).mean())}}
+                              "heldout_periodic_excess": float((periodic_artifact(lq) - evaluate.gt_periodic).mean())}}
     for name in args.variants.split(","):
         cfg = DistillConfig(**{**base, **VARIANTS[name]})
-        seed_everything(0)
-        d = Distiller(Restorer.from_pretrained(ROOT / p["base_model"]), cfg)
-
-        def evaluate(d):
-            with torch.no_grad():
-                out = torch.cat([d.r.restore(lq[i:i + 8], t0=d.cfg.t0, seed=0, sample=d.cfg.latent == "sample")
-                                 for i in range(0, len(lq), 8)])
-            return {"heldout_stlpips": float(stlpips(out, hq).mean()),
-                    "heldout_periodic_excess": float((periodic_artifact(out) - gt_periodic).mean())}
-
-        t = time.time()
-        d.history.append({"step": 0, **evaluate(d)})
-        d.train(pairs, cfg.steps, evaluate=evaluate, desc=name)
-        if d.history[-1].get("heldout_stlpips") is None:
-            d.history[-1].update(evaluate(d))
+        with tempfile.TemporaryDirectory() as tmp:  # the same training path as the stage, nothing kept
+            run = train_variant(name, cfg, ROOT / p["base_model"], Path(tmp) / "ckpt", Path(tmp) / f"{name}.pt",
+                                pairs, evaluate)
         curve = [{k: h[k] for k in ("step", "heldout_stlpips", "heldout_periodic_excess") if k in h}
-                 for h in d.history if "heldout_stlpips" in h]
-        results[name] = {"overrides": VARIANTS[name], "seconds": round(time.time() - t, 1), "curve": curve}
-        print(f"{name}: {curve[-1]}  ({time.time() - t:.0f} s)")
+                 for h in run["history"] if "heldout_stlpips" in h]
+        results[name] = {"overrides": VARIANTS[name], "seconds": round(run["result"]["seconds"], 1), "curve": curve}
+        print(f"{name}: {curve[-1]}")
     out = {"what": __doc__.splitlines()[0], "profile": args.profile, "steps": args.steps, "base_config": config_dict(DistillConfig(**base)),
            "n_heldout": len(lq), "results": results, "provenance": provenance(args.profile, 0, "cpu")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

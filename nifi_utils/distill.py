@@ -341,12 +341,14 @@ def heldout_pairs(renders_root: Path, scenes: list[str], per_level: int) -> tupl
 # ---------------------------------------------------------------------- held-out evaluation and the variants
 class HeldoutEval:
     """`evaluate(d)` for `Distiller.train`: held-out ST-LPIPS (overall and per level) of d's restorations and the
-    lattice they paint (periodic-artifact score minus the ground truth's; 0: none). Picklable for worker processes."""
+    lattice they paint (periodic-artifact score minus the ground truth's; 0: none). Picklable for worker processes.
+    `sample`: encode with a posterior sample (True, the distill stage's curves) or the variant's own latent mode
+    (None: `cfg.latent`)."""
 
-    def __init__(self, lq: torch.Tensor, hq: torch.Tensor, lv: np.ndarray, seed: int = 0):
+    def __init__(self, lq: torch.Tensor, hq: torch.Tensor, lv: np.ndarray, seed: int = 0, sample: bool | None = True):
         from .metrics import periodic_artifact
 
-        self.lq, self.hq, self.lv, self.seed = lq, hq, lv, seed
+        self.lq, self.hq, self.lv, self.seed, self.sample = lq, hq, lv, seed, sample
         self.levels = sorted(set(lv.tolist()))
         self.gt_periodic = periodic_artifact(hq)
 
@@ -354,7 +356,9 @@ class HeldoutEval:
         from .metrics import periodic_artifact, stlpips
 
         with torch.no_grad():
-            out = torch.cat([d.r.restore(self.lq[i:i + 8], t0=d.cfg.t0, seed=self.seed) for i in range(0, len(self.lq), 8)])
+            sample = d.cfg.latent == "sample" if self.sample is None else self.sample
+            out = torch.cat([d.r.restore(self.lq[i:i + 8], t0=d.cfg.t0, seed=self.seed, sample=sample)
+                             for i in range(0, len(self.lq), 8)])
         lp = stlpips(out, self.hq).numpy()
         pa = float((periodic_artifact(out) - self.gt_periodic).mean())
         return {"heldout_stlpips": float(lp.mean()), "heldout_periodic_excess": pa,
