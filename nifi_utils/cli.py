@@ -123,8 +123,6 @@ def _refine(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".ply":
         raise NifiError(f"--out must be a .ply file, got {out}")
-    if not Path(args.input).is_file():
-        raise NifiError(f"bitstream not found: {args.input}")
     section = load_params().get("refine", {}).get(args.profile, {})
     over = dict(section.get("config", {}))
     if args.steps is not None:

@@ -115,6 +115,11 @@ class GaussianScene:
         return read_ply(path)
 
 
+# the properties a 3DGS .ply must have (f_rest_* and the normals are optional)
+REQUIRED_PLY_PROPERTIES = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
+                           "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+
+
 def ply_property_names(sh_degree: int) -> list[str]:
     n_rest = 3 * (num_sh_bases(sh_degree) - 1)
     return (
@@ -158,9 +163,7 @@ def read_ply(path: str | Path) -> GaussianScene:
         raise NifiError(f"PLY {path} has no 'vertex' element: not a 3DGS point cloud")
     v = ply["vertex"].data
     names = set(v.dtype.names or ())
-    required = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-                "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
-    missing = [p for p in required if p not in names]
+    missing = [p for p in REQUIRED_PLY_PROPERTIES if p not in names]
     if missing:
         raise NifiError(f"PLY {path} is missing 3DGS properties: {', '.join(missing)}")
     rest_names = sorted((p for p in names if p.startswith("f_rest_")), key=lambda p: int(p.split("_")[-1]))

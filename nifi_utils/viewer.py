@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from .common import NifiError
+from .gaussians import REQUIRED_PLY_PROPERTIES
 from .splat_tools import missing_reason, run_splat_transform, splat_transform_path
 
-REQUIRED_PLY_PROPERTIES = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-                           "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
 _BOOTSTRAP = re.compile(r'<script type="application/json" id="sse-bootstrap">([\s\S]*?)</script>')
 _BODY_OPEN = re.compile(r"<body\b[^>]*>")
 # the viewer rotates loaded content by 180 degrees about z (supersplat-viewer's loadGsplat)
@@ -81,10 +80,7 @@ def decode_nifi(path: str | Path, out_ply: str | Path) -> int:
     """Decode a .nifi bitstream into an INRIA .ply; NifiError for a missing or corrupt file."""
     from . import codec
 
-    path = Path(path)
-    if not path.is_file():
-        raise NifiError(f"bitstream not found: {path}")
-    scene, head = codec.load(path)
+    scene, head = codec.load(path)  # one clear error for a missing, corrupt or foreign file
     scene.save_ply(out_ply)
     return int(head["n_gaussians"])
 
