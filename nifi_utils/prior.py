@@ -15,6 +15,7 @@ Colour augmentation (channel permutation, per-channel gain, flips) from the firs
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -91,14 +92,16 @@ def _resized_crop(photo: np.ndarray, y: int, x: int, side: int, size: int) -> np
     return (np.clip(im, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def photo_crops(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+def photo_crops(n: int, size: int, rng: np.random.Generator, load=None) -> list[np.ndarray]:
     """`n` crops of the training photographs at random scales (side from `size` to the whole photo's short
-    side, area-downsampled to `size`): from texture close-ups to whole-photo views."""
+    side, area-downsampled to `size`): from texture close-ups to whole-photo views. `load(name)` returns a
+    photograph as `scenes.load_photo` does (its default)."""
     from .scenes import TRAIN_PHOTOS, load_photo
 
+    load = load or load_photo
     out = []
     for k in range(n):
-        photo = load_photo(TRAIN_PHOTOS[int(rng.integers(len(TRAIN_PHOTOS)))])
+        photo = load(TRAIN_PHOTOS[int(rng.integers(len(TRAIN_PHOTOS)))])
         h, w = photo.shape[:2]
         lo, hi = np.log(size), np.log(max(size + 1, min(h, w)))
         sd = int(np.exp(rng.uniform(lo, hi)))
@@ -107,47 +110,66 @@ def photo_crops(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]
     return out
 
 
-def training_images(scenes_root: Path, n_textures: int, size: int, seed: int, n_prior_scenes: int = 0,
-                    prior_scene_views: int = 16, prior_scene_gaussians: int = 30000, n_photo_crops: int = 0):
-    """(train, held_out, corpus) uint8 HxWx3 images and what they came from. Train: training scenes' training
-    views, procedural training-split scenes rendered for the prior alone, multi-scale crops of the training
-    photographs and procedural textures. Held out: training scenes' test views (idx % 8 == 0). Evaluation
-    scenes and photographs are never read; `corpus` lists seeds and layouts so the benchmark can assert it."""
-    from PIL import Image
-
+def generated_images(n_photo_crops: int, n_textures: int, size: int, seed: int, load=None) -> list[np.ndarray]:
+    """The corpus's seeded part, a pure function of its arguments: `n_photo_crops` multi-scale crops of the
+    training photographs, then `n_textures` textures (training-photo crops and procedural ones alternating),
+    all from one `np.random.default_rng(seed)` stream. `load` as in `photo_crops`."""
     from .scenes import PROCEDURAL, TRAIN_PHOTOS, load_photo, procedural_texture
 
-    train, held = [], []
-    corpus = {"scenes": [], "prior_scenes": [], "photos": list(TRAIN_PHOTOS), "counts": {}}
-    dirs = sorted(d for d in scenes_root.iterdir() if d.is_dir())
+    load = load or load_photo
+    rng = np.random.default_rng(seed)
+    out = photo_crops(n_photo_crops, size, rng, load)
+    for k in range(n_textures):
+        if k % 2 == 0:
+            photo = load(TRAIN_PHOTOS[(k // 2) % len(TRAIN_PHOTOS)])
+            h, w = photo.shape[:2]
+            s = int(rng.integers(size, max(size + 1, min(h, w))))
+            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+            out.append(_resized_crop(photo, y, x, s, size))
+        else:
+            tex = procedural_texture(PROCEDURAL[(k // 2) % len(PROCEDURAL)], rng, size)
+            out.append((np.clip(tex, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return out
+
+
+def training_scene_views(scenes_root: Path):
+    """(train, held_out, [{name, seed, layout_id}]) uint8 views of the training-split scenes under
+    `scenes_root`: held out are the test views (idx % 8 == 0). Evaluation scenes are never read."""
+    from PIL import Image
+
+    train, held, meta_out = [], [], []
+    dirs = sorted(d for d in scenes_root.iterdir() if d.is_dir()) if scenes_root.is_dir() else []
     for d in dirs:
         meta = json.loads((d / "transforms.json").read_text())
         if meta.get("split") != "train":
             continue  # evaluation scenes never enter the prior's data
-        corpus["scenes"].append({"name": d.name, "seed": meta.get("seed"), "layout_id": meta.get("layout_id")})
+        meta_out.append({"name": d.name, "seed": meta.get("seed"), "layout_id": meta.get("layout_id")})
         for i, fr in enumerate(meta["frames"]):
             im = np.asarray(Image.open(d / fr["file_path"]).convert("RGB"))
             (held if i in meta["test_ids"] else train).append(im)
     if not train:
         raise NifiError(f"no training scenes under {scenes_root}: run the scenes stage first")
+    return train, held, meta_out
+
+
+def training_images(scenes_root: Path, n_textures: int, size: int, seed: int, n_prior_scenes: int = 0,
+                    prior_scene_views: int = 16, prior_scene_gaussians: int = 30000, n_photo_crops: int = 0):
+    """(train, held_out, corpus) uint8 HxWx3 images and what they came from. Train, in this order: training
+    scenes' training views, procedural training-split scenes rendered for the prior alone, multi-scale crops of
+    the training photographs and procedural textures (`corpus["counts"]`, in the same order, splits the list).
+    Held out: training scenes' test views (idx % 8 == 0). Evaluation scenes and photographs are never read;
+    `corpus` lists seeds and layouts so the benchmark can assert it."""
+    from .scenes import TRAIN_PHOTOS
+
+    train, held, scenes = training_scene_views(Path(scenes_root))
+    corpus = {"scenes": scenes, "prior_scenes": [], "photos": list(TRAIN_PHOTOS), "counts": {}}
     corpus["counts"]["training_scene_views"] = len(train)
-    rng = np.random.default_rng(seed)
     if n_prior_scenes:
         ims, corpus["prior_scenes"] = prior_corpus_scenes(n_prior_scenes, size, prior_scene_views, prior_scene_gaussians, seed)
         train += ims
     corpus["counts"]["prior_scene_views"] = n_prior_scenes * prior_scene_views
-    train += photo_crops(n_photo_crops, size, rng)
+    train += generated_images(n_photo_crops, n_textures, size, seed)
     corpus["counts"]["photo_crops"] = n_photo_crops
-    for k in range(n_textures):
-        if k % 2 == 0:
-            photo = load_photo(TRAIN_PHOTOS[(k // 2) % len(TRAIN_PHOTOS)])
-            h, w = photo.shape[:2]
-            s = int(rng.integers(size, max(size + 1, min(h, w))))
-            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-            train.append(_resized_crop(photo, y, x, s, size))
-        else:
-            tex = procedural_texture(PROCEDURAL[(k // 2) % len(PROCEDURAL)], rng, size)
-            train.append((np.clip(tex, 0, 1) * 255 + 0.5).astype(np.uint8))
     corpus["counts"]["textures"] = n_textures
     return train, held, corpus
 
@@ -260,13 +282,36 @@ def training_sigmas(cfg: PriorConfig, g: torch.Generator) -> torch.Tensor:
 
 
 def train_transformer(restorer, latents: torch.Tensor, cfg: PriorConfig, seed: int, log: list,
-                      time_budget_s: float | None = None):
+                      time_budget_s: float | None = None, device: str | torch.device | None = None,
+                      hook=None, hook_every: int = 0):
     """Rectified flow: x_t = (1 - s) x + s eps, v = eps - x, s = shift(sigmoid(N(0,1))), or with
-    probability `low_sigma_frac` s ~ U(0, low_sigma_max)."""
+    probability `low_sigma_frac` s ~ U(0, low_sigma_max).
+
+    `device` (default: the latents' device) gets the transformer, the embeddings and the latents. Batch indices,
+    sigmas and prompt dropout always come from the CPU generator (seed + 7); so does the noise eps on CPU, so the
+    CPU path computes what it always did. On CUDA eps (the one large draw, 4 M numbers per step at batch 256,
+    which a CPU generator makes at ~20 ms) comes from a CUDA generator with the same seed, the forward pass runs
+    under bf16 autocast (fp32 master weights, fused AdamW), the small CPU draws travel pinned and non-blocking and
+    losses are read back in blocks of 100 steps: nothing makes the CPU wait for the GPU every step.
+    `hook(step)` runs every `hook_every` steps (0: never) and after the last step (e.g. a held-out loss; the
+    model is in train mode, the hook switches what it needs)."""
     g = torch.Generator().manual_seed(seed + 7)
-    tr = restorer.transformer
+    dev = torch.device(device) if device is not None else latents.device
+    cuda = dev.type == "cuda"
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+
+    def h2d(t):
+        # CUDA: a plain .to() of a CPU tensor waits for the GPU; pinned + non_blocking lets the CPU run ahead
+        return t.pin_memory().to(dev, non_blocking=True) if cuda else t
+
+    tr = restorer.transformer.to(dev)
+    latents = latents.to(dev)
+    pe_c, pe_n, pp_c, pp_n = (t.to(dev) for t in (restorer.prompt_embeds, restorer.null_embeds, restorer.pooled,
+                                                  restorer.null_pooled))
+    g_eps = torch.Generator(dev).manual_seed(seed + 7) if cuda else g
     tr.train()
-    opt = torch.optim.AdamW(tr.parameters(), lr=cfg.dit_lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(tr.parameters(), lr=cfg.dit_lr, weight_decay=1e-4, **({"fused": True} if cuda else {}))
     t_start = time.time()
 
     def lr_factor(s):
@@ -278,44 +323,84 @@ def train_transformer(restorer, latents: torch.Tensor, cfg: PriorConfig, seed: i
         return min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))) + 0.05
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    for step in progress(range(cfg.dit_steps), desc="transformer"):
+    pending: list = []  # CUDA: (log entry, loss on the GPU), read back in blocks
+
+    def flush():
+        if pending:
+            for (entry, _), v in zip(pending, torch.stack([l for _, l in pending]).tolist()):
+                entry["loss"] = v
+            bar.set_postfix(loss=f"{np.mean([e['loss'] for e, _ in pending]):.4f}", refresh=False)
+            pending.clear()
+
+    bar = progress(range(cfg.dit_steps), desc="transformer")
+    step = -1
+    for step in bar:
         idx = torch.randint(len(latents), (cfg.dit_batch,), generator=g)
-        x = latents[idx]
-        eps = torch.randn(x.shape, generator=g)
-        sig = training_sigmas(cfg, g)
+        x = latents[h2d(idx)]
+        eps = torch.randn(x.shape, generator=g_eps, device=dev)
+        sig = h2d(training_sigmas(cfg, g))
         x_t = (1 - sig[:, None, None, None]) * x + sig[:, None, None, None] * eps
-        drop = torch.rand(cfg.dit_batch, generator=g) < cfg.prompt_dropout
-        pe = torch.where(drop[:, None, None], restorer.null_embeds, restorer.prompt_embeds).expand(cfg.dit_batch, -1, -1)
-        pp = torch.where(drop[:, None], restorer.null_pooled, restorer.pooled).expand(cfg.dit_batch, -1)
-        v = tr(hidden_states=x_t, encoder_hidden_states=pe, pooled_projections=pp, timestep=1000 * sig,
-               return_dict=False)[0]
-        loss = F.mse_loss(v, eps - x)
+        drop = h2d(torch.rand(cfg.dit_batch, generator=g) < cfg.prompt_dropout)
+        pe = torch.where(drop[:, None, None], pe_n, pe_c).expand(cfg.dit_batch, -1, -1)
+        pp = torch.where(drop[:, None], pp_n, pp_c).expand(cfg.dit_batch, -1)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            v = tr(hidden_states=x_t, encoder_hidden_states=pe, pooled_projections=pp, timestep=1000 * sig,
+                   return_dict=False)[0]
+        loss = F.mse_loss(v.float(), eps - x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
         opt.step()
         sched.step()
-        log.append({"phase": "dit", "step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]})
+        entry = {"phase": "dit", "step": step, "loss": None, "lr": sched.get_last_lr()[0]}
+        if cuda:
+            pending.append((entry, loss.detach()))
+            if len(pending) >= 100:
+                flush()
+        else:
+            entry["loss"] = float(loss.detach())
+        log.append(entry)
+        if hook is not None and hook_every and (step + 1) % hook_every == 0:
+            hook(step)
         if time_budget_s is not None and time.time() - t_start > time_budget_s:
             break
+    flush()
+    bar.close()
+    if hook is not None and step >= 0 and not (hook_every and (step + 1) % hook_every == 0):
+        hook(step)  # after the last step, unless it just ran
     tr.eval()
     return restorer
 
 
-def encode_latents(ae, images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
-    """Scaled latent means of `copies` augmented versions of every image (the DiT's training set)."""
+def encode_latents(ae, images: torch.Tensor, copies: int, seed: int, device: str | torch.device | None = None) -> torch.Tensor:
+    """Scaled latent means of `copies` augmented versions of every image (the DiT's training set), on `device`
+    (default: the autoencoder's; given, the autoencoder is moved there). Augmentation draws from the CPU
+    generator (seed + 3) on CPU images, so the latents do not depend on the device beyond float rounding."""
     g = torch.Generator().manual_seed(seed + 3)
+    if device is not None:
+        ae.to(device)
+    dev = next(ae.parameters()).device
     out = []
     with torch.no_grad():
         for c in range(copies):
             for i in range(0, len(images), 32):
                 x = images[i:i + 32] if c == 0 else augment(images[i:i + 32], g)
-                out.append(ae.encode(x).latent_dist.mean * ae.config.scaling_factor)
+                out.append(ae.encode(x.to(dev)).latent_dist.mean * ae.config.scaling_factor)
     return torch.cat(out)
 
 
-def build_prior(train: torch.Tensor, cfg: PriorConfig, seed: int, dit_time_budget_s: float | None = None):
-    """Train the autoencoder then the transformer; returns (Restorer, training log)."""
+def prompt_embeddings(cfg: PriorConfig, seed: int):
+    """(prompt_embeds, pooled, null_embeds, null_pooled): the fixed random "default prompt" (seed + 11) and zeros."""
+    g = torch.Generator().manual_seed(seed + 11)
+    pe = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)  # the fixed "default prompt" embedding
+    pp = torch.randn(1, cfg.pooled_dim, generator=g)
+    return pe, pp, torch.zeros_like(pe), torch.zeros_like(pp)
+
+
+def build_prior(train: torch.Tensor, cfg: PriorConfig, seed: int, dit_time_budget_s: float | None = None,
+                device: str | torch.device | None = None):
+    """Train the autoencoder (on CPU) then the transformer (on `device`, default CPU); returns (Restorer on CPU,
+    training log, timings)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from .restorer import Restorer
@@ -326,15 +411,14 @@ def build_prior(train: torch.Tensor, cfg: PriorConfig, seed: int, dit_time_budge
     ae = train_autoencoder(train, cfg, seed, log)
     t_vae = time.time() - t0
     tr = build_transformer(cfg)
-    g = torch.Generator().manual_seed(seed + 11)
-    pe = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)  # the fixed "default prompt" embedding
-    pp = torch.randn(1, cfg.pooled_dim, generator=g)
-    r = Restorer(ae, tr, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift), pe, pp,
-                 torch.zeros_like(pe), torch.zeros_like(pp))
-    latents = encode_latents(ae, train, cfg.augment_copies, seed)
+    r = Restorer(ae, tr, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift),
+                 *prompt_embeddings(cfg, seed))
+    latents = encode_latents(ae, train, cfg.augment_copies, seed, device)
     t1 = time.time()
-    train_transformer(r, latents, cfg, seed, log, dit_time_budget_s)
-    timings = {"vae_s": t_vae, "dit_s": time.time() - t1, "latents": list(latents.shape)}
+    train_transformer(r, latents, cfg, seed, log, dit_time_budget_s, device)
+    r.to("cpu")
+    timings = {"vae_s": t_vae, "dit_s": time.time() - t1, "latents": list(latents.shape),
+               "dit_device": str(device or "cpu")}
     return r, log, timings
 
 

@@ -30,6 +30,13 @@
 # (committed to git: the stage is `frozen`), `reports/<profile>/prior.json`,
 # `reports/<profile>/figures/prior.png`.
 #
+# **A transformer trained elsewhere.** `prior_from` names a complete prior folder made by
+# `python -m nifi_utils.prior_gpu train` with this stage's parameters (e.g. on a lent GPU machine:
+# the committed VAE, a transformer trained there; `dit_log.json` says how). The stage then trains
+# nothing: it checks that the folder was trained with this section's configuration and corpus, copies
+# it to `data/<profile>/prior` and computes the same gates, figure and `prior.json` (recording where
+# the transformer was trained). `dit_device: auto` trains the transformer here on CUDA when there is one.
+#
 # **Runtime.** `tiny` ~15 s · `cpu` ~60 min on 2 cores (corpus 4 min, autoencoder 6 min, transformer
 # 45 min; `python -m nifi_utils.run prior && dvc commit -f prior`; `make repro` uses the committed
 # weights) · `paper`: seconds.
@@ -38,6 +45,7 @@
 profile = "tiny"
 seed = 0
 source = "train"
+prior_from = ""
 sd3_dir = ""
 sd3_embeddings = ""
 latent_channels = 16
@@ -62,6 +70,7 @@ dit_steps = 20
 dit_batch = 8
 dit_lr = 0.0003
 dit_time_budget_s = 600
+dit_device = "auto"
 image_size = 48
 augment_copies = 2
 prompt_dropout = 0.1
@@ -146,7 +155,7 @@ if source == "sd3":
 
 # %%
 if source == "train":
-    from nifi_utils.prior import PriorConfig, build_prior, to_pm1, training_images
+    from nifi_utils.prior import PriorConfig, build_prior, to_pm1, training_images, training_scene_views
 
     cfg = PriorConfig(latent_channels=latent_channels, patch=patch, vae_hidden=vae_hidden, vae_res_enc=vae_res_enc,
                       vae_res_dec=vae_res_dec, vae_pixel_hidden=vae_pixel_hidden, vae_steps=vae_steps,
@@ -160,24 +169,56 @@ if source == "train":
                       vae_latent_noise=vae_latent_noise, vae_noise_weight=vae_noise_weight,
                       n_prior_scenes=n_prior_scenes, prior_scene_views=prior_scene_views,
                       prior_scene_gaussians=prior_scene_gaussians, n_photo_crops=n_photo_crops)
-    train_imgs, held_imgs, corpus = training_images(repo_path("data", profile, "scenes"), n_textures, image_size, seed,
-                                                    n_prior_scenes, prior_scene_views, prior_scene_gaussians, n_photo_crops)
-    train, held = to_pm1(train_imgs), to_pm1(held_imgs)
-    print(f"{len(train)} training images ({corpus['counts']}), {len(held)} held-out images, {tuple(train.shape[-2:])} px")
+    if prior_from:
+        # trained elsewhere on this stage's corpus (its pack recorded it in dit_log.json): only the held-out views here
+        dit_log = json.loads((repo_path(prior_from) / "dit_log.json").read_text())
+        _, held_imgs, scenes_here = training_scene_views(repo_path("data", profile, "scenes"))
+        corpus = dit_log["corpus"]
+        assert corpus["scenes"] == scenes_here, (f"{prior_from} was trained on training scenes {corpus['scenes']}, "
+                                                 f"this stage's are {scenes_here}")
+        n_train = sum(corpus["counts"].values())
+        held = to_pm1(held_imgs)
+    else:
+        train_imgs, held_imgs, corpus = training_images(repo_path("data", profile, "scenes"), n_textures, image_size, seed,
+                                                        n_prior_scenes, prior_scene_views, prior_scene_gaussians, n_photo_crops)
+        train, held = to_pm1(train_imgs), to_pm1(held_imgs)
+        n_train = len(train)
+    print(f"{n_train} training images ({corpus['counts']}), {len(held)} held-out images, {tuple(held.shape[-2:])} px")
 
 # %% [markdown]
 # ## Train the autoencoder, then the transformer
 
 # %%
-if source == "train":
+if source == "train" and prior_from:
+    import shutil
+    from dataclasses import asdict
+
+    # the folder must have been trained with this section's configuration (dit_steps/dit_batch/dit_lr included)
+    diff = {k: (dit_log["config"].get(k), v) for k, v in asdict(cfg).items() if dit_log["config"].get(k) != v}
+    assert not diff, f"{prior_from} was trained with other parameters (theirs, ours): {diff}"
+    assert dit_log["seed"] == seed and dit_log["profile"] == profile, f"{prior_from}: seed/profile differ"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for sub in ("vae", "transformer", "scheduler", "embeddings"):
+        shutil.copytree(repo_path(prior_from) / sub, out_dir / sub)
+    prior_loaded = Restorer.from_pretrained(out_dir)
+    n_params = {"vae": sum(p.numel() for p in prior_loaded.vae.parameters()),
+                "transformer": sum(p.numel() for p in prior_loaded.transformer.parameters())}
+    log = [{"phase": "dit", "step": e["step"], "loss": e["loss_mean"], "lr": e["lr"]} for e in dit_log["loss_curve"]]
+    timings = {"vae_s": None, "dit_s": dit_log["seconds_dit"], "latents": dit_log["latents"], "dit_device": dit_log["device"]}
+    size_mb = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file()) / 1e6
+    print(f"copied {prior_from}: transformer trained on {dit_log['device']} for {dit_log['steps_done']} steps "
+          f"({dit_log['seconds_dit']:.0f} s, batch {dit_log['batch']}); {n_params}; folder {size_mb:.1f} MB")
+elif source == "train":
+    from nifi_utils.common import pick_device
     from nifi_utils.models import save_prior
 
-    restorer, log, timings = build_prior(train, cfg, seed, dit_time_budget_s)
+    restorer, log, timings = build_prior(train, cfg, seed, dit_time_budget_s, device=pick_device(dit_device))
     save_prior(restorer, out_dir, dtype=torch.float16)
     n_params = {"vae": sum(p.numel() for p in restorer.vae.parameters()),
                 "transformer": sum(p.numel() for p in restorer.transformer.parameters())}
     size_mb = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file()) / 1e6
-    print(f"trained in {timings['vae_s']:.0f} s (VAE) + {timings['dit_s']:.0f} s (DiT); {n_params}; folder {size_mb:.1f} MB")
+    print(f"trained in {timings['vae_s']:.0f} s (VAE) + {timings['dit_s']:.0f} s (DiT on {timings['dit_device']}); "
+          f"{n_params}; folder {size_mb:.1f} MB")
 
 # %% [markdown]
 # ## Quality gates, on what downstream stages load (the fp16 folder, read back)
@@ -278,8 +319,13 @@ if source == "train":
     ax = fig.add_subplot(len(rows) + 1, 1, len(rows) + 1)
     dl = [e["loss"] for e in log if e["phase"] == "dit"]
     vl = [e["l1"] + vae_lambda_stlpips * e["stlpips"] for e in log if e["phase"] == "vae"]
-    ax.plot(np.convolve(dl, np.ones(20) / 20, mode="valid") if len(dl) > 40 else dl, label="DiT flow loss")
-    ax.plot(vl, label="VAE L1 + ST-LPIPS")
+    if prior_from:  # block means of the run's loss, at their steps
+        ax.plot([e["step"] for e in log if e["phase"] == "dit"], dl,
+                label=f"DiT flow loss ({dit_log['device']}, means of {dit_log['loss_every']} steps)")
+    else:
+        ax.plot(np.convolve(dl, np.ones(20) / 20, mode="valid") if len(dl) > 40 else dl, label="DiT flow loss")
+    if vl:
+        ax.plot(vl, label="VAE L1 + ST-LPIPS")
     ax.set_yscale("log"), ax.legend(fontsize=7), ax.set_xlabel("step", fontsize=7)
     fig.tight_layout()
     fig.savefig(fig_path, dpi=110)
@@ -294,10 +340,12 @@ if source == "train":
 # %%
 if source == "train":
     report = {"source": "train", "config": cfg.__dict__, "timings": timings, "n_params": n_params, "corpus": corpus,
-              "folder_mb": size_mb, "n_train_images": len(train), "n_held_out": len(held), "gates": gates,
+              "folder_mb": size_mb, "n_train_images": n_train, "n_held_out": len(held), "gates": gates,
               "checks": checks, "gates_enforced": enforce_gates, "scaling_factor": prior.scaling_factor,
               "loss_log": log[:: max(1, len(log) // 400)], "metric_backends": {k: METRIC_BACKENDS[k] for k in ("psnr", "stlpips_alex", "periodic")},
               "seconds": round(time.time() - t_start, 1), "provenance": provenance(profile, seed, "cpu")}
+    if prior_from:  # where the transformer was trained, and how (the training log's loss curve is `loss_log` above)
+        report["prior_from"] = {"folder": prior_from, "dit_log": {k: v for k, v in dit_log.items() if k != "loss_curve"}}
     report_path.write_text(json.dumps(report, indent=1))
     if enforce_gates:
         assert all(checks.values()), f"prior quality gates failed: {[k for k, v in checks.items() if not v]}"
