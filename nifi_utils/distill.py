@@ -7,7 +7,7 @@ with its adapters off is the real score. Per step, with t from the scheduler's t
 range (TSD-SR: 50..949), one noise eps for both latents, CFG on both scores:
 
     g = alpha sigma^2 (v_real(x^_t) - v_fake(x^_t)) + (1 - alpha) sigma^2 (v_real(x^_t) - v_real(x_t))
-    L_gen = w_kl * 0.5 |x^ - sg(x^ - g)|^2 + w_l2 |x^ - x|^2 + w_p perceptual(D(x^), I)
+    L_gen = w_kl * 0.5 |x^ - sg(x^ - g)|^2 + w_l2 |x^ - x|^2 + w_p perceptual(D(x^), I) + w_lat lattice(D(x^) - I)
     L_critic = |v_phi+(x^_t', t') - (eps' - sg(x^))|^2        (paper Eq. 8, flow form; "x0": TSD-SR's)
 
 Updates alternate every step (generator, then critic). HF `accelerate` runs it on one CPU, one GPU
@@ -41,6 +41,7 @@ class DistillConfig:
     l2_weight: float = 1.0
     perceptual_weight: float = 1.0
     perceptual: str = "stlpips_alex"  # stlpips_alex | stlpips_vgg | lpips_alex (needs torchvision weights)
+    lattice_weight: float = 0.0  # weight of the l2 on the latent-grid harmonics of (restored - clean); paper: none
     t_index_min: int = 50
     t_index_max: int = 950
     critic_loss: str = "flow"  # flow (paper Eq. 8) | x0 (TSD-SR)
@@ -66,6 +67,8 @@ class DistillConfig:
             raise NifiError(f"critic_loss must be 'flow' or 'x0', got {self.critic_loss!r}")
         if self.latent not in ("sample", "mean"):
             raise NifiError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
+        if self.lattice_weight < 0:
+            raise NifiError(f"lattice_weight must be >= 0, got {self.lattice_weight}")
         if not 0 <= self.t_index_min < self.t_index_max <= 1000:
             raise NifiError(f"t index range [{self.t_index_min}, {self.t_index_max}) is not inside [0, 1000)")
 
@@ -128,6 +131,27 @@ def perceptual_fn(name: str, device):
     raise NifiError(f"unknown perceptual loss {name!r}")
 
 
+# ---------------------------------------------------------------------- the lattice term
+def lattice_l2(diff: torch.Tensor, period: int) -> torch.Tensor:
+    """Mean power of `diff` [B,C,H,W] at the harmonics of a `period`-px grid, (k H / period, l W / period) for
+    (k, l) != (0, 0), with the orthonormal DFT: white noise of variance s^2 scores s^2, like a pixel MSE, while an
+    error that repeats on the grid puts all its energy there and scores up to period^2 times its MSE.
+
+    A frequency-weighted reconstruction loss (the family of the focal frequency loss, Jiang et al., ICCV 2021)
+    restricted to the frequencies where a latent-grid lattice lives: the VAE's downsampling times the DiT's patch
+    size (4 x 2 = 8 px here, 8 x 2 = 16 px for SD3). It compares with the clean image, so detail the ground truth
+    has at those frequencies costs nothing; only the restorer's own periodic error does. Written here because
+    no maintained library ships a lattice-frequency loss."""
+    h, w = diff.shape[-2:]
+    f = torch.fft.rfft2(diff if diff.dtype in (torch.float32, torch.float64) else diff.float(), norm="ortho")
+    ky = sorted({round(k * h / period) % h for k in range(period)})
+    kx = sorted({round(k * w / period) for k in range(period // 2 + 1)} & set(range(w // 2 + 1)))
+    pw = f[..., ky, :][..., kx].abs().pow(2)
+    mask = torch.ones(len(ky), len(kx), dtype=torch.bool, device=pw.device)
+    mask[0, 0] = False  # the mean colour is not a lattice
+    return pw[..., mask].mean()
+
+
 # ---------------------------------------------------------------------- the trainer
 class Distiller:
     """Holds phi- (on `restorer`) and phi+ (on a frozen copy of its transformer) and their optimizers."""
@@ -163,6 +187,8 @@ class Distiller:
         (r.transformer, r.vae, self.critic, self.opt_g, self.opt_c) = self.acc.prepare(
             r.transformer, r.vae, self.critic, self.opt_g, self.opt_c)
         self.perc = perceptual_fn(cfg.perceptual, self.acc.device) if cfg.perceptual_weight > 0 else None
+        # the latent grid in pixels: the VAE's downsampling times the transformer's patch
+        self.lattice_period = r.vae_scale_factor * self.acc.unwrap_model(r.transformer).config.patch_size
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
@@ -271,8 +297,14 @@ class Distiller:
             l2 = F.mse_loss(x_hat, x)
             loss = loss + cfg.l2_weight * l2
             logs["l2"] = float(l2.detach())
-            if self.perc is not None:
+            if self.perc is not None or cfg.lattice_weight > 0:
                 img = r.decode(x_hat, hq.shape[-2:]).clamp(-1, 1)
+                # in [0, 1] pixels; logged every step even where its weight is 0 (the curve shows the lattice grow)
+                lat = lattice_l2((img - hq) / 2, self.lattice_period)
+                logs["lattice"] = float(lat.detach())
+                if cfg.lattice_weight > 0:
+                    loss = loss + cfg.lattice_weight * lat
+            if self.perc is not None:
                 lp = self.perc((img + 1) / 2, (hq + 1) / 2)
                 loss = loss + cfg.perceptual_weight * lp
                 logs["perceptual"] = float(lp.detach())
@@ -340,29 +372,45 @@ def heldout_pairs(renders_root: Path, scenes: list[str], per_level: int) -> tupl
 
 # ---------------------------------------------------------------------- held-out evaluation and the variants
 class HeldoutEval:
-    """`evaluate(d)` for `Distiller.train`: held-out ST-LPIPS (overall and per level) of d's restorations and the
-    lattice they paint (periodic-artifact score minus the ground truth's; 0: none). Picklable for worker processes.
+    """`evaluate(d)` for `Distiller.train`: held-out ST-LPIPS (alex, the training loss's metric; overall and per
+    level) of d's restorations and the lattice they paint (periodic-artifact score minus the ground truth's; 0:
+    none). `evaluate(d, full=True)` adds what the restorer never trains on: ST-LPIPS (vgg), PSNR and SSIM, overall
+    and per level (the first and last points of a run; vgg costs ~5x alex). Picklable for worker processes.
     `sample`: encode with a posterior sample (True, the distill stage's curves) or the variant's own latent mode
-    (None: `cfg.latent`)."""
+    (None: `cfg.latent`). `full_at_start`: the full set at step 0 too (the prior's own one step: the floor)."""
 
-    def __init__(self, lq: torch.Tensor, hq: torch.Tensor, lv: np.ndarray, seed: int = 0, sample: bool | None = True):
+    FULL = ("stlpips_vgg", "psnr", "ssim")
+
+    def __init__(self, lq: torch.Tensor, hq: torch.Tensor, lv: np.ndarray, seed: int = 0, sample: bool | None = True,
+                 full_at_start: bool = False):
         from .metrics import periodic_artifact
 
         self.lq, self.hq, self.lv, self.seed, self.sample = lq, hq, lv, seed, sample
+        self.full_at_start = full_at_start
         self.levels = sorted(set(lv.tolist()))
         self.gt_periodic = periodic_artifact(hq)
 
-    def __call__(self, d: Distiller) -> dict:
-        from .metrics import periodic_artifact, stlpips
-
+    def restored(self, d: "Distiller") -> torch.Tensor:
         with torch.no_grad():
             sample = d.cfg.latent == "sample" if self.sample is None else self.sample
-            out = torch.cat([d.r.restore(self.lq[i:i + 8], t0=d.cfg.t0, seed=self.seed, sample=sample)
-                             for i in range(0, len(self.lq), 8)])
-        lp = stlpips(out, self.hq).numpy()
-        pa = float((periodic_artifact(out) - self.gt_periodic).mean())
-        return {"heldout_stlpips": float(lp.mean()), "heldout_periodic_excess": pa,
-                **{f"heldout_stlpips_level{lv}": float(lp[self.lv == lv].mean()) for lv in self.levels}}
+            return torch.cat([d.r.restore(self.lq[i:i + 8], t0=d.cfg.t0, seed=self.seed, sample=sample)
+                              for i in range(0, len(self.lq), 8)])
+
+    def scores(self, out: torch.Tensor, full: bool = False) -> dict:
+        """The held-out scores of restored (or any) images `out` against the ground truth."""
+        from .metrics import image_metrics, periodic_artifact
+
+        m = image_metrics(out, self.hq, ["stlpips_alex", *(self.FULL if full else ())])
+        res = {"heldout_stlpips": float(m["stlpips_alex"].mean()),
+               "heldout_periodic_excess": float((periodic_artifact(out) - self.gt_periodic).mean()),
+               **{f"heldout_stlpips_level{lv}": float(m["stlpips_alex"][self.lv == lv].mean()) for lv in self.levels}}
+        for k in self.FULL if full else ():
+            res[f"heldout_{k}"] = float(m[k].mean())
+            res.update({f"heldout_{k}_level{lv}": float(m[k][self.lv == lv].mean()) for lv in self.levels})
+        return res
+
+    def __call__(self, d: "Distiller", full: bool = False) -> dict:
+        return self.scores(self.restored(d), full)
 
 
 def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: str | Path, out_path: str | Path,
@@ -381,10 +429,9 @@ def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: s
         print(f"{name}: resuming at step {d.step}", flush=True)
     t = time.time()
     if not d.history:
-        d.history.append({"step": 0, **evaluate(d)})
+        d.history.append({"step": 0, **evaluate(d, full=getattr(evaluate, "full_at_start", False))})
     d.train(pairs, cfg.steps, checkpoint_dir=Path(ckpt), evaluate=evaluate, desc=name)
-    if d.history[-1].get("heldout_stlpips") is None:
-        d.history[-1].update(evaluate(d))
+    d.history[-1].update(evaluate(d, full=True))  # the last point with the metrics it never trained on
     d.export(out_path)
     result = {"config": config_dict(cfg), "seconds": time.time() - t, "final": d.history[-1],
               "ckpt_bytes": Path(out_path).stat().st_size}

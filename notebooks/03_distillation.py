@@ -8,7 +8,12 @@
 # - Critic $\phi^+$: a LoRA on a frozen copy of the transformer, trained by the flow-matching loss on the
 #   (detached) restored latents (Eq. 8); the frozen prior is the real score.
 # - Generator loss (Eq. 6): target-score distillation (TSD-SR, Eq. 5, $\alpha = 0.7$, CFG on both scores)
-#   through the stop-gradient MSE trick, plus latent $\ell_2$ and a perceptual term (ST-LPIPS offline).
+#   through the stop-gradient MSE trick, plus latent $\ell_2$ and a perceptual term (ST-LPIPS alex offline),
+#   plus (beyond the paper, `lattice_weight`) an $\ell_2$ on the latent grid's harmonics of (restored $-$ clean)
+#   in pixels: every other term lets the restorer paint an 8-px lattice into flat regions (the curve of its
+#   `lattice` column below shows it grow when its weight is 0).
+# - Judged twice: on ST-LPIPS alex, the metric its perceptual term optimises, and on ST-LPIPS vgg, PSNR and
+#   SSIM, which it never sees. A gain on alex alone would mean it learnt the metric, not the restoration.
 # - Variants: `nifi`, `nifi_wo_t0` (one Euler step from $\sigma = 1$ on the clean degraded latent, Table 1's
 #   last row) and `nifi_no_tsd` ($\ell_2$ + perceptual only: what distribution matching adds).
 #
@@ -37,6 +42,7 @@ tsd_weight = 1.0
 l2_weight = 1.0
 perceptual_weight = 1.0
 perceptual = "stlpips_alex"
+lattice_weight = 1.0
 t_index_min = 50
 t_index_max = 950
 critic_loss = "flow"
@@ -92,10 +98,13 @@ print(f"{len(pairs.lq)} training pairs from {len({m[0] for m in pairs.meta})} sc
 train_scenes = sorted({m[0] for m in pairs.meta})  # the training split, whatever the scenes are called
 held_lq, held_hq, held_lv = heldout_pairs(repo_path("data", profile, "renders"), train_scenes, eval_views)
 levels = sorted(set(held_lv.tolist()))
+# held-out ST-LPIPS per level and the lattice a restorer paints (its periodic-artifact score minus the GT's), per eval
+# step; at the end also ST-LPIPS vgg, PSNR and SSIM, which no variant trains on. Each variant is scored with the
+# latent mode it trains with and the benchmark restores with (`latent`: the posterior's mean on cpu, a sample on paper)
+evaluate = HeldoutEval(held_lq, held_hq, held_lv, seed, sample=None)
+compressed_scores = evaluate.scores(held_lq, full=True)
 compressed_lp = stlpips(held_lq, held_hq).numpy()
-print({f"level{lv}": float(compressed_lp[held_lv == lv].mean()) for lv in levels}, "(compressed, ST-LPIPS)")
-# held-out ST-LPIPS per level and the lattice a restorer paints (its periodic-artifact score minus the GT's), per eval step
-evaluate = HeldoutEval(held_lq, held_hq, held_lv, seed)
+print({k: round(v, 4) for k, v in compressed_scores.items()}, "(compressed)")
 
 
 # %% [markdown]
@@ -107,7 +116,7 @@ evaluate = HeldoutEval(held_lq, held_hq, held_lv, seed)
 
 # %%
 base_cfg = dict(rank=rank, critic_rank=critic_rank, t0=t0, alpha=alpha, cfg_scale=cfg_scale, tsd_weight=tsd_weight,
-                l2_weight=l2_weight, perceptual_weight=perceptual_weight, perceptual=perceptual,
+                l2_weight=l2_weight, perceptual_weight=perceptual_weight, perceptual=perceptual, lattice_weight=lattice_weight,
                 t_index_min=t_index_min, t_index_max=t_index_max, critic_loss=critic_loss, latent=latent, lr_g=lr_g,
                 lr_c=lr_c, weight_decay=weight_decay, grad_clip=grad_clip, steps=steps, batch=batch, crop=crop,
                 prompt_dropout=prompt_dropout, grad_accum=grad_accum, checkpoint_every=checkpoint_every,
@@ -128,23 +137,25 @@ shutil.rmtree(ckpt_root, ignore_errors=True)  # finished: checkpoints are no lon
 
 # %% [markdown]
 # ## Curves: every loss term, the held-out ST-LPIPS and the lattice the restorer paints
-# The last panel is the periodic-artifact score of the restored held-out views minus their ground
-# truth's, per evaluation step: it shows when in training a lattice appears and which loss term brings it.
+# `lattice` is the training batch's error power at the latent grid's harmonics (logged whatever its weight);
+# the last panel is the periodic-artifact score of the restored held-out views minus their ground truth's,
+# per evaluation step: it shows when in training a lattice appears and which loss term brings it.
 
 # %%
 cdf = pd.DataFrame(curves)
 cdf.to_csv(curves_path, index=False)
-fig, axes = plt.subplots(1, 5, figsize=(20, 3.2))
+CURVES = ["loss_g", "l_kl", "loss_c", "lattice", "heldout_stlpips", "heldout_periodic_excess"]
+fig, axes = plt.subplots(1, len(CURVES), figsize=(24, 3.2))
 for name, g in cdf.groupby("variant"):
-    for ax, col in zip(axes, ["loss_g", "l_kl", "loss_c", "heldout_stlpips", "heldout_periodic_excess"]):
+    for ax, col in zip(axes, CURVES):
         if col in g and g[col].notna().any():
             s = g[["step", col]].dropna()
             ax.plot(s["step"], s[col].rolling(5, min_periods=1).mean() if not col.startswith("heldout") else s[col],
                     label=name, marker="o" if col.startswith("heldout") else None, ms=3)
-for ax, col in zip(axes, ["generator loss", "TSD term L_KL", "critic loss", "held-out ST-LPIPS",
-                          "held-out periodic-artifact excess over GT"]):
+for ax, col in zip(axes, ["generator loss", "TSD term L_KL", "critic loss", "lattice-harmonic error (batch)",
+                          "held-out ST-LPIPS (alex)", "held-out periodic-artifact excess over GT"]):
     ax.set_title(col, fontsize=9), ax.set_xlabel("step", fontsize=8), ax.legend(fontsize=7)
-axes[3].axhline(float(compressed_lp.mean()), color="k", ls="--", lw=1, label="compressed")
+axes[4].axhline(float(compressed_lp.mean()), color="k", ls="--", lw=1, label="compressed")
 fig.tight_layout()
 plt.show()
 
@@ -173,19 +184,26 @@ plt.show()
 
 # %% [markdown]
 # ## Checks and report
-# Target (cpu profile): restored held-out renders beat the compressed ones on ST-LPIPS at every rate.
+# Target (cpu profile): restored held-out renders beat the compressed ones at every rate on ST-LPIPS alex *and*
+# on ST-LPIPS vgg, the perceptual metric no variant trains on. The table puts every final score beside the
+# compressed inputs'; the benchmark stage decides the same on the evaluation scenes with intervals.
 
 # %%
 checks = {}
 for name in variants:
     fin = results[name]["final"]
     for lv in levels:
-        checks[f"{name}_beats_compressed_level{lv}"] = bool(fin[f"heldout_stlpips_level{lv}"] < compressed_lp[held_lv == lv].mean())
+        for key in ("heldout_stlpips", "heldout_stlpips_vgg"):
+            checks[f"{name}_beats_compressed_{key[8:]}_level{lv}"] = bool(fin[f"{key}_level{lv}"] < compressed_scores[f"{key}_level{lv}"])
 for k, v in checks.items():
     print(f"{'PASS' if v else 'FAIL'}  {k}")
+cols = ["heldout_stlpips", "heldout_stlpips_vgg", "heldout_psnr", "heldout_ssim", "heldout_periodic_excess"]
+print(pd.DataFrame({"compressed": compressed_scores} | {n: results[n]["final"] for n in variants}).T[cols].round(4)
+      .rename(columns=lambda c: c[8:]).to_string())
 report = {"variants": results, "compressed_heldout_stlpips": {f"level{lv}": float(compressed_lp[held_lv == lv].mean()) for lv in levels},
+          "compressed_heldout": compressed_scores,
           "checks": checks, "n_pairs": len(pairs.lq), "n_heldout": len(held_lq), "base_model": base_model,
-          "metric_backends": {k: METRIC_BACKENDS[k] for k in ("stlpips_alex", "periodic")},
+          "metric_backends": {k: METRIC_BACKENDS[k] for k in ("stlpips_alex", "stlpips_vgg", "psnr", "ssim", "periodic")},
           "peak_rss_gb": max(peak_rss_gb, __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20),
           "workers": workers,
           "seconds": round(time.time() - t_start, 1), "provenance": provenance(profile, seed, device)}

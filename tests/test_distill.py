@@ -97,3 +97,44 @@ def test_a_training_step_on_cuda_with_bf16_autocast():
     d = Distiller(tiny_sd3(seed=0).to("cuda"), DistillConfig(**{**CFG, "mixed_precision": "bf16"}))
     hist = d.train(_pairs(), 2)
     assert np.isfinite([v for k, v in hist[-1].items() if k != "step"]).all()
+
+
+# ---------------------------------------------------------------- the lattice term
+def test_lattice_l2_sees_a_grid_and_not_white_noise_or_smooth_error():
+    from nifi_utils.distill import lattice_l2
+
+    g = torch.Generator().manual_seed(0)
+    white = 0.1 * torch.randn(4, 3, 64, 64, generator=g)
+    # white noise of variance s^2 scores ~s^2 (Parseval, orthonormal DFT): it is not concentrated on the grid
+    assert lattice_l2(white, 8).item() == pytest.approx(0.01, rel=0.15)
+    # the same energy repeating every 8 px lands entirely on the grid's harmonics: ~64x its pixel MSE
+    tile = 0.1 * torch.randn(1, 3, 8, 8, generator=g)
+    grid = tile.repeat(4, 1, 8, 8)
+    grid = grid - grid.mean((-2, -1), keepdim=True)  # no mean colour: that is not a lattice
+    mse = grid.pow(2).mean().item()
+    assert lattice_l2(grid, 8).item() > 30 * mse
+    # a smooth error (a ramp across the crop) and a constant offset are not a lattice either
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    smooth = 0.1 * torch.sin(torch.pi * xx)[None, None].expand(1, 3, 64, 64)
+    assert lattice_l2(smooth, 8).item() < 0.02 * smooth.pow(2).mean().item()
+    assert lattice_l2(torch.full((1, 3, 64, 64), 0.3), 8).item() < 1e-10
+    assert lattice_l2(torch.zeros(1, 3, 64, 64), 8).item() == 0.0
+
+
+def test_lattice_l2_gradient_matches_finite_differences():
+    from nifi_utils.distill import lattice_l2
+
+    x = torch.randn(1, 1, 16, 16, dtype=torch.float64, requires_grad=True)
+    # float64 all the way: lattice_l2 promotes only lower precisions to float32
+    assert torch.autograd.gradcheck(lambda t: lattice_l2(t, 8), (x,))
+
+
+def test_lattice_weight_is_a_training_term_logged_every_step():
+    d = _distiller(lattice_weight=5.0)
+    hist = d.train(_pairs(), 2)
+    assert all("lattice" in h and np.isfinite(h["lattice"]) for h in hist)
+    d0 = _distiller(lattice_weight=0.0)  # logged even when it is not trained on
+    assert "lattice" in d0.train(_pairs(), 1)[-1]
+    assert d.lattice_period == d.r.vae_scale_factor * d.r.transformer.config.patch_size
+    with pytest.raises(Exception, match="lattice_weight"):
+        DistillConfig(lattice_weight=-1.0)
