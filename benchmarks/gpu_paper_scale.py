@@ -12,7 +12,8 @@ real one. Measured, side by side in one process:
   max |difference| of colour and alpha, and ms per render at 128² and 512².
 Writes benchmarks/results/gpu_paper_scale.json.
 
-    python benchmarks/gpu_paper_scale.py [--out FILE] [--skip-distill]
+    python benchmarks/gpu_paper_scale.py [--out FILE] [--cases restore,distill,gsplat] [--perceptual stlpips_alex|none]
+                                         [--lattice-weight W]
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def restorer_cases(out: dict) -> None:
     print("img2img", out["img2img_bf16_512_K20_cfg7.5"], flush=True)
 
 
-def distill_case(out: dict) -> None:
+def distill_case(out: dict, perceptual: str = "stlpips_alex", lattice_weight: float = 0.0) -> None:
     import numpy as np
 
     from nifi_utils.distill import Distiller, DistillConfig, PairSet
@@ -79,7 +80,8 @@ def distill_case(out: dict) -> None:
     hq = (torch.rand(4, 3, 512, 512, generator=g) * 255).byte()
     lq = (hq.float() * 0.8 + 20).byte()
     d = Distiller(r, DistillConfig(rank=64, critic_rank=64, batch=1, crop=512, mixed_precision="bf16",
-                                   perceptual="stlpips_alex"))
+                                   perceptual="stlpips_alex" if perceptual == "none" else perceptual,
+                                   perceptual_weight=0.0 if perceptual == "none" else 1.0, lattice_weight=lattice_weight))
     pairs = PairSet(lq, hq, [("s", 0, str(i)) for i in range(4)])
     d.train(pairs, 1)  # warm-up step
     torch.cuda.synchronize()
@@ -89,10 +91,12 @@ def distill_case(out: dict) -> None:
     hist = d.train(pairs, 1 + n)  # `steps` is the step to reach, not a count
     torch.cuda.synchronize()
     last = [v for k, v in hist[-1].items() if k != "step"]
-    out["distill_step_bf16_512_b1"] = {"s_per_step": (time.perf_counter() - t) / n, "steps_timed": n,
-                                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                                       "losses_finite": bool(np.isfinite(last).all())}
-    print("distill", out["distill_step_bf16_512_b1"], flush=True)
+    key = "distill_step_bf16_512_b1" + ("" if perceptual == "stlpips_alex" and not lattice_weight
+                                        else f"_perceptual-{perceptual}_lattice-{lattice_weight:g}")
+    out[key] = {"s_per_step": (time.perf_counter() - t) / n, "steps_timed": n,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "lattice_period_px": d.lattice_period,
+                "losses_finite": bool(np.isfinite(last).all()), "last_losses": hist[-1]}
+    print("distill", out[key], flush=True)
 
 
 def gsplat_case(out: dict) -> None:
@@ -124,24 +128,35 @@ def gsplat_case(out: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_paper_scale.json"))
-    ap.add_argument("--skip-distill", action="store_true")
+    ap.add_argument("--cases", default="restore,distill,gsplat")
+    ap.add_argument("--perceptual", default="stlpips_alex", help="the distill case's perceptual loss, or none")
+    ap.add_argument("--lattice-weight", type=float, default=0.0, help="the distill case's lattice term weight")
     a = ap.parse_args()
+    cases = a.cases.split(",")
+    if not set(cases) <= {"restore", "distill", "gsplat"}:
+        print(f"error: --cases takes restore, distill and gsplat, got {a.cases!r}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: gpu_paper_scale.py needs CUDA (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     import diffusers
-    import gsplat
     import peft
 
-    out = {"device": torch.cuda.get_device_name(0), "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                                                                 "peft": peft.__version__, "gsplat": gsplat.__version__},
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
+    if "gsplat" in cases:
+        import gsplat
+
+        versions["gsplat"] = gsplat.__version__
+    out = {"device": torch.cuda.get_device_name(0), "versions": versions,
            "config": SD3_MEDIUM, "weights": "random (SD3-medium shapes; time and memory do not depend on the values)"}
-    restorer_cases(out)
-    torch.cuda.empty_cache()
-    if not a.skip_distill:
-        distill_case(out)
+    if "restore" in cases:
+        restorer_cases(out)
         torch.cuda.empty_cache()
-    gsplat_case(out)
+    if "distill" in cases:
+        distill_case(out, a.perceptual, a.lattice_weight)
+        torch.cuda.empty_cache()
+    if "gsplat" in cases:
+        gsplat_case(out)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out}")
