@@ -30,6 +30,27 @@ def prepare_outputs(outs: list[Path]) -> None:
         (o.parent if o.suffix else o).mkdir(parents=True, exist_ok=True)
 
 
+def record_timing(profile: str, stage: str, seconds: float, load_start: float, load_end: float) -> Path:
+    """Merge one stage's wall time into reports/<profile>/timings.json (committed, not a DVC output: every stage
+    writes its own entry, so the README's stage table is made from what the last runs measured)."""
+    import datetime
+    import json
+
+    path = REPO_ROOT / "reports" / profile / "timings.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        data = {}  # a damaged record is rewritten, not a reason to fail a finished stage
+    data.setdefault("what", "wall seconds of each stage's last run through python -m nifi_utils.run (papermill, kernel start "
+                            "included); load averages over 1 min at its start and end: above the core count = a busy machine")
+    data.setdefault("stages", {})[stage] = {
+        "seconds": round(seconds, 1), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(), "load_1min_start": round(load_start, 2), "load_1min_end": round(load_end, 2)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
 def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_output: bool = True) -> Path:
     import jupytext
     import papermill as pm
@@ -48,7 +69,7 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / (spec.notebook.stem + ".ipynb")
         jupytext.write(nb, src)
-        t0 = time.time()
+        t0, load0 = time.time(), os.getloadavg()[0]
         print(f"[nifi run] {stage} (profile {params['profile']}): {_rel(spec.notebook)} -> "
               f"{_rel(spec.executed)}", file=sys.stderr, flush=True)
         try:
@@ -60,7 +81,9 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
             raise NifiError(
                 f"stage {stage} failed in cell {e.exec_count} ({e.ename}: {e.evalue}); "
                 f"executed notebook: {_rel(spec.executed)}") from None
-    print(f"[nifi run] {stage} done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    seconds = time.time() - t0
+    record_timing(params["profile"], stage, seconds, load0, os.getloadavg()[0])
+    print(f"[nifi run] {stage} done in {seconds:.1f} s", file=sys.stderr, flush=True)
     return spec.executed
 
 

@@ -234,3 +234,25 @@ def test_dvc_profile_switch_and_noop_second_repro(tmp_path):
     assert r.returncode == 0 and "Running stage" not in r.stdout, r.stdout[-1500:]
     r = run("dvc", "status")
     assert "up to date" in r.stdout.lower(), r.stdout
+
+
+def test_stage_times_are_recorded_merged_and_tabled(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from nifi_utils import run as R
+
+    monkeypatch.setattr(R, "REPO_ROOT", tmp_path)
+    R.record_timing("cpu", "distill", 900.0, 1.0, 2.0)
+    R.record_timing("cpu", "scenes", 120.0, 5.0, 1.0)
+    R.record_timing("cpu", "distill", 800.0, 1.0, 1.0)  # a rerun replaces its own entry only
+    data = json.loads((tmp_path / "reports" / "cpu" / "timings.json").read_text())
+    assert data["stages"]["distill"]["seconds"] == 800.0 and data["stages"]["scenes"]["seconds"] == 120.0
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import stage_times
+
+    text = stage_times.table(data)
+    lines = text.splitlines()
+    assert lines[2].startswith("| `scenes`") and lines[3].startswith("| `distill`")  # pipeline order
+    assert "15.3 min" in lines[-1]  # (800 + 120) / 60
+    assert ("**busy**" in lines[2]) == (5.0 > 1.25 * data["stages"]["scenes"]["cores"])
