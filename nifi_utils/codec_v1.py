@@ -17,14 +17,12 @@ import struct
 import numpy as np
 import torch
 
+from . import codec_common as c_
+from .codec_common import delta_decode
 from .common import NifiError
 
 _CHAN = struct.Struct("<BBffH")
 TRANSFORMS = {0: "raw", 1: "delta"}
-
-
-def delta_decode(d: np.ndarray, bits: int) -> np.ndarray:
-    return (np.cumsum(d.astype(np.int64)) % (1 << bits)).astype(np.int32)
 
 
 def encode_v1(scene, sh_degree: int, bits: int = 8, pos_bits: int = 12, level: int = 0,
@@ -33,8 +31,6 @@ def encode_v1(scene, sh_degree: int, bits: int = 8, pos_bits: int = 12, level: i
     import zlib
 
     import constriction
-
-    from . import codec as c_
 
     n = len(scene)
     bits_c = c_.default_bits(sh_degree, bits, pos_bits)
@@ -77,8 +73,6 @@ def encode_v1(scene, sh_degree: int, bits: int = 8, pos_bits: int = 12, level: i
 def decode_v1(data: bytes, head: dict):
     """Decode version-1 bytes whose header `codec.read_header` has validated."""
     import constriction
-
-    from . import codec as c_
 
     n, deg = head["n_gaussians"], head["sh_degree"]
     body_end = len(data) - 4

@@ -159,9 +159,9 @@ class Restorer:
 
             cls_name = json.loads(cfg_path.read_text()).get("_class_name", "AutoencoderKL")
             if cls_name != "AutoencoderKL":
-                from . import models
+                from . import autoencoder
 
-                vae_cls = getattr(models, cls_name, None)
+                vae_cls = getattr(autoencoder, cls_name, None)
                 if vae_cls is None:
                     raise NifiError(f"{cfg_path}: unknown VAE class {cls_name!r}")
         vae = vae_cls.from_pretrained(base / "vae", torch_dtype=dtype)
