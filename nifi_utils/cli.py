@@ -1,7 +1,9 @@
 """Layer 7 (pipeline): the command line, `python -m nifi_utils <command>`.
 
-User mistakes (missing file, malformed .ply or cameras, bad sizes) end with one `error:` line and
-exit status 2; nothing is written before the inputs are validated.
+User mistakes (missing file, malformed .ply or cameras, bad sizes, an output path that cannot be
+written) end with one `error:` line and exit status 2; nothing is written before the inputs are
+validated. Every `--out` is checked before any expensive work (`outputs.check_out_file`/`check_out_dir`)
+and written all-or-nothing (`outputs.staged`): a command that fails leaves no partial file.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .common import NifiError
+from .outputs import check_out_dir, check_out_file, staged
 
 
 def cmd_render(args) -> int:
@@ -21,6 +24,7 @@ def cmd_render(args) -> int:
     from .gaussians import read_ply
     from .scenes import render_views
 
+    out = check_out_dir(args.out)
     scene = read_ply(args.ply)
     cams = read_transforms(args.cameras)
     if (args.width is None) != (args.height is None):
@@ -31,12 +35,12 @@ def cmd_render(args) -> int:
         cams.cameras = [c.resized(args.width, args.height) for c in cams]
     bg = _background(args.background)
     device = pick_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     images = render_views(scene.to(device), cams, background=bg, desc="render")
-    for cam, fp, im in zip(cams, cams.file_paths, images):
-        name = Path(fp).stem or cam.name
-        Image.fromarray(np.asarray(im)).save(out / f"{name}.png")
+    with staged() as st:
+        st.folder(out)
+        for cam, fp, im in zip(cams, cams.file_paths, images):
+            name = Path(fp).stem or cam.name
+            st.write(out / f"{name}.png", lambda tmp, im=im: Image.fromarray(np.asarray(im)).save(tmp))
     print(f"wrote {len(images)} images to {out}")
     return 0
 
@@ -76,6 +80,7 @@ def cmd_compress(args) -> int:
         raise NifiError("give both --cameras and --images (gradient pruning + fine-tuning), or neither")
     if not args.out.endswith(".nifi"):
         raise NifiError(f"--out should end with .nifi, got {args.out!r}")
+    check_out_file(args.out)
     device = pick_device(args.device)
     scene = read_ply(args.ply).to(device)
     if not 1 <= args.gaussians <= len(scene):
@@ -94,7 +99,8 @@ def cmd_compress(args) -> int:
     else:
         scene = scene.subset(prune_levels(scene, [args.gaussians], opacity_volume_scores)[0])
     enc = codec.encode_scene(scene, sh_degree=deg, bits=args.bits, pos_bits=args.pos_bits)
-    enc.save(args.out)
+    with staged() as st:
+        st.write(args.out, lambda tmp: tmp.write_bytes(enc.data))
     ply_bytes = Path(args.ply).stat().st_size
     print(f"wrote {args.out}: {len(scene)} Gaussians, {enc.nbytes} bytes ({enc.nbytes / 1e6:.4f} MB, "
           f"{ply_bytes / enc.nbytes:.0f}x smaller than the .ply), {time.time() - t0:.1f} s")
@@ -106,8 +112,10 @@ def cmd_decompress(args) -> int:
 
     if args.refine:
         return _refine(args)
+    check_out_file(args.out)
     scene, head = codec.load(args.input)
-    scene.save_ply(args.out)
+    with staged() as st:
+        st.write(args.out, scene.save_ply)
     print(f"wrote {args.out}: {head['n_gaussians']} Gaussians, SH degree {head['sh_degree']}")
     return 0
 
@@ -123,6 +131,7 @@ def _refine(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".ply":
         raise NifiError(f"--out must be a .ply file, got {out}")
+    check_out_file(out)  # refine_file writes it atomically, minutes from now
     section = load_params().get("refine", {}).get(args.profile, {})
     over = dict(section.get("config", {}))
     if args.steps is not None:
@@ -165,8 +174,13 @@ def cmd_synthesize(args) -> int:
 
     p = stage_params("synthesis", args.profile)
     cfg = SynthesisConfig.from_params(p)
-    dirs = sorted(d for d in repo_path("data", p["profile"], "scenes").iterdir() if d.is_dir())
-    recs = synthesize(dirs, repo_path("data", p["profile"]), cfg, p["seed"], args.shard, args.device)
+    scenes, data = repo_path("data", p["profile"], "scenes"), repo_path("data", p["profile"])
+    if not scenes.is_dir():
+        raise NifiError(f"no scenes folder at {scenes} (run the scenes stage first: python -m nifi_utils run scenes)")
+    for sub in ("bitstreams", "pairs", "renders", "records"):  # what synthesize writes, checked before hours of work
+        check_out_dir(data / sub, flag="synthesis output")
+    dirs = sorted(d for d in scenes.iterdir() if d.is_dir())
+    recs = synthesize(dirs, data, cfg, p["seed"], args.shard, args.device)
     print(f"synthesized {len(recs)} scenes (shard {args.shard})")
     return 0
 
@@ -190,11 +204,18 @@ def cmd_restore(args) -> int:
             raise NifiError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {lq}")
         if out.suffix:
             raise NifiError(f"--lq is a folder, so --out must be a folder too, got {out}")
+        check_out_dir(out)
         targets = [out / (p.stem + ".png") for p in inputs]
     elif lq.is_file():
-        inputs, targets = [lq], [out / (lq.stem + ".png") if out.is_dir() or not out.suffix else out]
+        to_folder = out.is_dir() or not out.suffix
+        if to_folder:
+            check_out_dir(out)
+        inputs, targets = [lq], [out / (lq.stem + ".png") if to_folder else check_out_file(out)]
     else:
         raise NifiError(f"--lq not found: {lq}")
+    if targets[0].suffix.lower() not in IMAGE_SUFFIXES:
+        raise NifiError(f"--out {out}: {targets[0].suffix!r} is not an image type this can write "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
     if args.dtype not in DTYPES:
         raise NifiError(f"--dtype must be one of {sorted(set(DTYPES))}, got {args.dtype!r}")
     t0 = None if str(args.t0).lower() in ("none", "null") else float(args.t0)
@@ -205,10 +226,11 @@ def cmd_restore(args) -> int:
     device = pick_device(args.device)
     base = repo_path(args.base_model)
     r = Restorer.from_pretrained(base, args.embeddings, device=device, dtype=DTYPES[args.dtype])
-    ckpt = repo_path(args.ckpt) if args.ckpt else None
-    if ckpt is None and args.base_model == DEFAULT_BASE:
+    no_lora = args.ckpt is not None and args.ckpt.lower() == "none"  # before repo_path makes it <repo>/none
+    ckpt = repo_path(args.ckpt) if args.ckpt and not no_lora else None
+    if ckpt is None and not no_lora and args.base_model == DEFAULT_BASE:
         ckpt = repo_path(DEFAULT_CKPT)
-    if ckpt is not None and str(ckpt).lower() != "none":
+    if ckpt is not None:
         if not ckpt.is_file():
             raise NifiError(f"restorer checkpoint not found: {ckpt} (run the pipeline's distill stage, or pass "
                             f"--ckpt FILE; --ckpt none runs the prior without LoRA)")
@@ -216,10 +238,11 @@ def cmd_restore(args) -> int:
     r.to(device, DTYPES[args.dtype])
     images = [read_image(p) for p in inputs]  # validate every input before writing anything
     t_start = time.time()
-    for (img, info), dst in zip(images, targets):
-        with torch.no_grad():
-            res = r.restore(img, t0=t0, seed=args.seed, tile=args.tile)
-        write_image(dst, res, info)
+    with staged() as st:  # every image appears at the end, or none (a failure half way leaves no partial set)
+        for (img, info), dst in zip(images, targets):
+            with torch.no_grad():
+                res = r.restore(img, t0=t0, seed=args.seed, tile=args.tile)
+            st.write(dst, lambda tmp, res=res, info=info: write_image(tmp, res, info))
     print(f"restored {len(images)} image(s) -> {targets[0] if len(targets) == 1 else out} "
           f"({(time.time() - t_start) / len(images) * 1000:.0f} ms/image, {device}, {args.dtype})")
     return 0

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .common import REPO_ROOT, NifiError
+from .outputs import check_out_dir, check_out_file
 from .params import stage_params, stage_spec
 
 
@@ -25,7 +26,10 @@ def _rel(p: Path) -> str:
 
 
 def prepare_outputs(outs: list[Path]) -> None:
-    """Folders for directory outs, parent folders for file outs."""
+    """Folders for directory outs, parent folders for file outs; first every out is checked to be writable
+    (a file where a folder belongs, a parent that is a file, a folder that cannot be written: one NifiError)."""
+    for o in outs:
+        (check_out_file if o.suffix else check_out_dir)(o, flag="stage output")
     for o in outs:
         (o.parent if o.suffix else o).mkdir(parents=True, exist_ok=True)
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from .common import NifiError
 from .gaussians import REQUIRED_PLY_PROPERTIES
+from .outputs import check_out_file, staged
 from .splat_tools import missing_reason, run_splat_transform, splat_transform_path
 
 _BOOTSTRAP = re.compile(r'<script type="application/json" id="sse-bootstrap">([\s\S]*?)</script>')
@@ -371,6 +372,7 @@ def view_file(path: str | Path, out_html: str | Path, cameras_json: str | Path |
         raise NifiError(f"--out must be an .html file, got {out_html}")
     if path.suffix.lower() not in (".ply", ".nifi"):
         raise NifiError(f"view wants a 3DGS .ply or a .nifi bitstream, got {path}")
+    check_out_file(out_html)
     cams = read_transforms(cameras_json) if cameras_json else None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -402,10 +404,8 @@ def view_file(path: str | Path, out_html: str | Path, cameras_json: str | Path |
         payload = to_viewer_ply(ply, tmp / "file.compressed.ply", R).read_bytes()
     page = build_page(template, path.name, [v], {"file": payload}, settings, cameras, None,
                       "Drag to orbit. Size is the file's size.")
-    out_html.parent.mkdir(parents=True, exist_ok=True)
-    part = out_html.with_suffix(".html.part")
-    part.write_text(page)
-    part.replace(out_html)
+    with staged() as st:
+        st.write(out_html, lambda tmp: tmp.write_text(page))
     return {"out": str(out_html), "n_gaussians": n, "size_bytes": size, "page_bytes": out_html.stat().st_size}
 
 

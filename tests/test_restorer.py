@@ -97,6 +97,18 @@ def test_checkpoint_reloads_through_the_cli_with_identical_output(prior, tmp_pat
     assert (other - expect).abs().max() > 1e-3
 
 
+def test_ckpt_none_runs_the_prior_without_lora(prior, tmp_path):
+    base, _, _ = prior
+    img = torch.rand(1, 3, 16, 12, generator=torch.Generator().manual_seed(8))
+    write_image(tmp_path / "lq.png", img)
+    lq, _ = read_image(tmp_path / "lq.png")
+    expect = Restorer.from_pretrained(base).restore(lq, t0=199, seed=2)
+    assert main(["restore", "--lq", str(tmp_path / "lq.png"), "--out", str(tmp_path / "out.png"), "--base-model",
+                 str(base), "--ckpt", "none", "--seed", "2", "--device", "cpu"]) == 0
+    ref = (expect[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), ref)
+
+
 def test_checkpoint_errors_are_clear(prior, tmp_path):
     base, ckpt, _ = prior
     sd = torch.load(ckpt, weights_only=True)
