@@ -36,9 +36,11 @@ VARIANTS = {
     "t0_99_lattice_w5": {"lattice_weight": 5.0, "t0": 99},
     "t0_49_lattice_w5": {"lattice_weight": 5.0, "t0": 49},
     "t0_49_lattice_w20": {"lattice_weight": 20.0, "t0": 49},
+    "lattice_w1_l2x4": {"lattice_weight": 1.0, "l2_weight": 4.0},
     "rank64": {"lattice_weight": 0.0, "rank": 64, "critic_rank": 64},
 }
-DEFAULT = "nifi,no_tsd,no_perc,l2_only,lattice_w1,lattice_w5,t0_49,t0_49_lattice_w5"
+# what benchmarks/results/lattice_sources.json holds (the screen behind the cpu profile's lattice_weight and t0)
+DEFAULT = "nifi,lattice_w5,lattice_w20,t0_49,t0_49_lattice_w5,t0_49_lattice_w20"
 
 
 def main(argv=None) -> int:
