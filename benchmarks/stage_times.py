@@ -26,9 +26,13 @@ def table(timings: dict) -> str:
     rows = ["| stage | wall time | finished (UTC) | load at start / end (cores) |", "|---|---|---|---|"]
     for s in names:
         e = st[s]
-        busy = " **busy**" if max(e["load_1min_start"], e["load_1min_end"]) > 1.25 * e["cores"] else ""
-        rows.append(f"| `{s}` | {e['seconds'] / 60:.1f} min ({e['seconds']:.0f} s) | {e['finished'][:16].replace('T', ' ')} | "
-                    f"{e['load_1min_start']:.1f} / {e['load_1min_end']:.1f} ({e['cores']}){busy} |")
+        loads = [e.get("load_1min_start"), e.get("load_1min_end")]
+        if None in loads:  # an entry made from a log line (no load recorded)
+            load = f"n/a ({e['cores']}){' ' + e['note'] if e.get('note') else ''}"
+        else:
+            busy = " **busy**" if max(loads) > 1.25 * e["cores"] else ""
+            load = f"{loads[0]:.1f} / {loads[1]:.1f} ({e['cores']}){busy}"
+        rows.append(f"| `{s}` | {e['seconds'] / 60:.1f} min ({e['seconds']:.0f} s) | {e['finished'][:16].replace('T', ' ')} | {load} |")
     total = sum(st[s]["seconds"] for s in names if s != "prior")
     rows.append(f"| all but the frozen `prior` | **{total / 60:.1f} min** | | |")
     return "\n".join(rows)
