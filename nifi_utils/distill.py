@@ -11,8 +11,10 @@ range (TSD-SR: 50..949), one noise eps for both latents, CFG on both scores:
     L_critic = |v_phi+(x^_t', t') - (eps' - sg(x^))|^2        (paper Eq. 8, flow form; "x0": TSD-SR's)
 
 Updates alternate every step (generator, then critic). HF `accelerate` runs it on one CPU, one GPU
-or many (`accelerate launch`); checkpoints hold LoRA weights, optimizers, the step and every RNG, so
-an interrupted run resumes into the same trajectory.
+or N processes (`accelerate launch`, DDP over phi- and phi+: gloo on CPU, NCCL on GPU): each rank draws its own
+batches and noise from a rank-seeded stream, DDP averages the LoRA gradients, and only the main process
+evaluates and exports. Checkpoints hold LoRA weights, optimizers, the step and every rank's RNG, so an
+interrupted run resumes into the same trajectory on the same number of processes.
 """
 from __future__ import annotations
 
@@ -153,6 +155,26 @@ def lattice_l2(diff: torch.Tensor, period: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the trainer
+RANK_SEED_STRIDE = 1_000_003  # rank r draws from seed + r * stride: streams of neighbouring seeds never coincide
+
+
+class _GeneratorForward(torch.nn.Module):
+    """phi-'s trainable path, degraded image -> restored latent (encode with the LoRA, Eq. 7's one step), as one
+    module: DDP averages gradients only of what runs inside a wrapped forward, while the restorer keeps the plain
+    models, whose configs and sub-modules it reads."""
+
+    def __init__(self, r: Restorer):
+        super().__init__()
+        self.transformer, self.vae = r.transformer, r.vae
+        self._restorer = [r]  # not a sub-module: its models are registered above
+
+    def forward(self, lq: torch.Tensor, gen: torch.Generator, sample: bool, t0):
+        r = self._restorer[0]
+        x_lq = r.encode(lq, gen, sample=sample)
+        noise0 = torch.randn(x_lq.shape, generator=gen).to(x_lq)
+        return r.one_step(x_lq, t0, noise=noise0)
+
+
 class Distiller:
     """Holds phi- (on `restorer`) and phi+ (on a frozen copy of its transformer) and their optimizers."""
 
@@ -163,10 +185,6 @@ class Distiller:
         self.cfg = cfg
         self.acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                               mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-        if self.acc.num_processes > 1:
-            # DDP wraps the models, and the restorer reads their configs and sub-modules directly: until
-            # that is unwrapped per call, refuse rather than train with unsynchronised LoRA gradients.
-            raise NifiError("multi-process (accelerate launch) distillation is not supported yet; run one process")
         r = restorer
         for m in (r.vae, r.transformer):
             m.requires_grad_(False)
@@ -184,12 +202,14 @@ class Distiller:
         self.gen_params, self.crit_params = gen_params, crit_params
         self.opt_g = torch.optim.AdamW(gen_params, lr=cfg.lr_g, weight_decay=cfg.weight_decay)
         self.opt_c = torch.optim.AdamW(crit_params, lr=cfg.lr_c, weight_decay=cfg.weight_decay)
-        (r.transformer, r.vae, self.critic, self.opt_g, self.opt_c) = self.acc.prepare(
-            r.transformer, r.vae, self.critic, self.opt_g, self.opt_c)
+        # r.transformer and r.vae stay plain modules (the restorer, evaluation and export use them); DDP wraps the
+        # generator's trainable path and the critic (with one process, prepare returns them as they are)
+        self.gen_fwd, self.critic, self.opt_g, self.opt_c = self.acc.prepare(
+            _GeneratorForward(r), self.critic, self.opt_g, self.opt_c)
         self.perc = perceptual_fn(cfg.perceptual, self.acc.device) if cfg.perceptual_weight > 0 else None
         # the latent grid in pixels: the VAE's downsampling times the transformer's patch
         self.lattice_period = r.vae_scale_factor * self.acc.unwrap_model(r.transformer).config.patch_size
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * self.acc.process_index)
         self.step = 0
         self.history: list[dict] = []
         ts = r.scheduler.timesteps.float()
@@ -206,17 +226,31 @@ class Distiller:
         self.history = json.loads(sd["history"])
         torch.set_rng_state(sd["torch"])
 
+    @staticmethod
+    def _state_file(rank: int) -> str:
+        return "distiller_state.pt" if rank == 0 else f"distiller_state_rank{rank}.pt"
+
     def save_checkpoint(self, folder: str | Path):
+        """Every rank saves its step, RNG streams and history; the main process the LoRA weights and optimizers
+        (identical on every rank after DDP's averaged updates). A collective: call it on every rank."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), folder / "distiller_state.pt")
-        torch.save({"opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
-                    "gen_lora": [p.detach().cpu() for p in self.gen_params],
-                    "crit_lora": [p.detach().cpu() for p in self.crit_params]}, folder / "training_state.pt")
+        torch.save(self.state_dict(), folder / self._state_file(self.acc.process_index))
+        if self.acc.is_main_process:
+            torch.save({"opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
+                        "gen_lora": [p.detach().cpu() for p in self.gen_params],
+                        "crit_lora": [p.detach().cpu() for p in self.crit_params],
+                        "processes": self.acc.num_processes}, folder / "training_state.pt")
+        self.acc.wait_for_everyone()
 
     def load_checkpoint(self, folder: str | Path):
         folder = Path(folder)
         st = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+        saved = int(st.get("processes", 1))  # checkpoints from before multi-process training: one process
+        if saved != self.acc.num_processes:
+            raise NifiError(f"checkpoint {folder} was written by {saved} process(es) and this run has "
+                            f"{self.acc.num_processes}: every rank draws its own batches, so only {saved} can resume "
+                            f"it (or delete the folder to start over)")
         with torch.no_grad():
             for p, v in zip(self.gen_params, st["gen_lora"]):
                 p.copy_(v)
@@ -224,7 +258,8 @@ class Distiller:
                 p.copy_(v)
         self.opt_g.load_state_dict(st["opt_g"])
         self.opt_c.load_state_dict(st["opt_c"])
-        self.load_state_dict(torch.load(folder / "distiller_state.pt", map_location="cpu", weights_only=True))
+        self.load_state_dict(torch.load(folder / self._state_file(self.acc.process_index), map_location="cpu",
+                                        weights_only=True))
 
     # -------------------------------------------------------------- pieces
     def _embeds(self, b: int):
@@ -271,10 +306,8 @@ class Distiller:
             x = r.encode(hq, self.gen, sample=cfg.latent == "sample")
             unwrapped_vae.enable_adapters()
         # ---- generator phi-
-        with self.acc.accumulate(r.transformer):
-            x_lq = r.encode(lq, self.gen, sample=cfg.latent == "sample")
-            noise0 = torch.randn(x_lq.shape, generator=self.gen).to(x_lq)
-            x_hat = r.one_step(x_lq, cfg.t0, noise=noise0)
+        with self.acc.accumulate(self.gen_fwd):
+            x_hat = self.gen_fwd(lq, self.gen, cfg.latent == "sample", cfg.t0)
             logs = {}
             loss = torch.zeros((), device=dev)
             if cfg.tsd_weight > 0:
@@ -325,26 +358,31 @@ class Distiller:
                     lc = 0.5 * w * F.mse_loss(xt - s * v, x0)
                 self._update(lc, self.crit_params, self.opt_c)
             logs["loss_c"] = float(lc.detach())
+        if self.acc.num_processes > 1:  # the curve of the global batch: the mean over ranks
+            keys = sorted(logs)
+            mean = self.acc.reduce(torch.tensor([logs[k] for k in keys], device=dev, dtype=torch.float64), "mean")
+            logs = {k: float(v) for k, v in zip(keys, mean.cpu())}
         self.step += 1
         logs["step"] = self.step
         self.history.append(logs)
         return logs
 
     def train(self, pairs: PairSet, steps: int, checkpoint_dir: Path | None = None, evaluate=None, desc="distill"):
-        """Run until `self.step == steps` (resumable); `evaluate(self)` every cfg.eval_every steps."""
-        for _ in progress(range(self.step, steps), desc=desc):
+        """Run until `self.step == steps` (resumable); `evaluate(self)` every cfg.eval_every steps, on the main
+        process only (the others wait for it at the next step's gradient average). `cfg.batch` pairs per rank."""
+        for _ in progress(range(self.step, steps), desc=desc, disable=not self.acc.is_main_process):
             lq, hq = pairs.batch(self.cfg.batch, self.cfg.crop, self.gen)
             self.train_step(lq, hq)
-            if evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+            if (evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+                    and self.acc.is_main_process):
                 self.history[-1].update(evaluate(self))
             if checkpoint_dir is not None and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint(checkpoint_dir)
         return self.history
 
     def export(self, path: str | Path) -> Path:
-        """The restorer in the official checkpoint format ({'vae', 'transformer'} LoRA state dicts)."""
-        self.r.transformer = self.acc.unwrap_model(self.r.transformer)
-        self.r.vae = self.acc.unwrap_model(self.r.vae)
+        """The restorer in the official checkpoint format ({'vae', 'transformer'} LoRA state dicts); call it on
+        the main process."""
         return self.r.save_lora(path)
 
 
@@ -416,7 +454,9 @@ class HeldoutEval:
 def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: str | Path, out_path: str | Path,
                   pairs: PairSet, evaluate: HeldoutEval, device="cpu") -> dict:
     """Distil one variant from the prior, seeded from `cfg.seed` alone (so it does not matter which process or
-    which other variants ran before); resumes from `ckpt`, exports `out_path`. Its result record and history."""
+    which other variants ran before); resumes from `ckpt`, exports `out_path`. Its result record and history.
+    Under `accelerate launch`, every rank calls it; the main process evaluates, exports and returns the record,
+    the others return None."""
     import resource
     import time
 
@@ -424,20 +464,26 @@ def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: s
 
     seed_everything(cfg.seed)
     d = Distiller(Restorer.from_pretrained(base_model, device=device), cfg)
+    main = d.acc.is_main_process
     if (Path(ckpt) / "training_state.pt").is_file():
         d.load_checkpoint(ckpt)
-        print(f"{name}: resuming at step {d.step}", flush=True)
+        if main:
+            print(f"{name}: resuming at step {d.step}", flush=True)
     t = time.time()
-    if not d.history:
+    if not d.history and main:
         d.history.append({"step": 0, **evaluate(d, full=getattr(evaluate, "full_at_start", False))})
     d.train(pairs, cfg.steps, checkpoint_dir=Path(ckpt), evaluate=evaluate, desc=name)
-    d.history[-1].update(evaluate(d, full=True))  # the last point with the metrics it never trained on
-    d.export(out_path)
-    result = {"config": config_dict(cfg), "seconds": time.time() - t, "final": d.history[-1],
-              "ckpt_bytes": Path(out_path).stat().st_size}
-    print(f"{name}: {result['seconds']:.0f} s, held-out ST-LPIPS {d.history[-1]['heldout_stlpips']:.4f}", flush=True)
-    return {"name": name, "result": result, "history": d.history,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    out = None
+    if main:
+        d.history[-1].update(evaluate(d, full=True))  # the last point with the metrics it never trained on
+        d.export(out_path)
+        result = {"config": config_dict(cfg), "seconds": time.time() - t, "final": d.history[-1],
+                  "ckpt_bytes": Path(out_path).stat().st_size, "processes": d.acc.num_processes}
+        print(f"{name}: {result['seconds']:.0f} s, held-out ST-LPIPS {d.history[-1]['heldout_stlpips']:.4f}", flush=True)
+        out = {"name": name, "result": result, "history": d.history,
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    d.acc.wait_for_everyone()
+    return out
 
 
 def _variant_job(job: dict) -> dict:
@@ -451,3 +497,52 @@ def train_variants(jobs: list[dict], workers: int = 1) -> list[dict]:
     from .workers import process_map
 
     return process_map(_variant_job, jobs, workers, names=[j["name"] for j in jobs], what="variant", desc="variants")
+
+
+def launch_variants(jobs: list[dict], processes: int) -> list[dict]:
+    """`train_variant(**job)` for every job, one after another, each on `processes` ranks through `accelerate launch`
+    (DDP); results in the order of `jobs`. A rank's error is one NifiError naming the rank and the variant, and no
+    variant's export is left behind (a failed stage must not leave files DVC could take for its results)."""
+    from .launch import launch
+
+    try:
+        return launch("nifi_utils.distill", jobs, processes, what="variant")
+    except NifiError:
+        for j in jobs:
+            Path(j["out_path"]).unlink(missing_ok=True)
+        raise
+
+
+def rank_main(argv: list[str] | None = None) -> int:
+    """One rank of `launch_variants`: `python -m nifi_utils.distill JOBS.pkl RESULTS.pkl` under `accelerate launch`."""
+    import os
+    import pickle
+    import sys
+
+    from accelerate import PartialState
+
+    from .launch import rank_error
+
+    jobs_path, results_path = argv if argv is not None else sys.argv[1:]
+    state = PartialState(cpu=not torch.cuda.is_available())
+    jobs = pickle.loads(Path(jobs_path).read_bytes())
+    done = []
+    for job in jobs:
+        try:
+            done.append(train_variant(**{**job, "device": str(state.device)}))
+        except Exception as e:  # one line naming the rank and the variant; torchrun then stops the other ranks
+            rank_error(state.process_index, job["name"], e, "variant")
+            sys.stdout.flush()
+            os._exit(1)  # a clean exit would wait on the other ranks, which wait on this one
+    if state.is_main_process:
+        Path(results_path).write_bytes(pickle.dumps(done))
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from nifi_utils.distill import rank_main as _rank_main  # the package's module, not a second copy as __main__
+
+    sys.exit(_rank_main())

@@ -4,7 +4,8 @@ Reads the stage from dvc.yaml and its parameters from params.yaml, creates the o
 (DVC deletes outs before running a stage), executes the jupytext py:percent notebook with
 papermill (kernel python3, cwd = repository root, cell output logged, per-cell timeout) and
 writes the executed notebook under reports/<profile>/executed/. A failing cell gives one line
-naming the cell and the error, and exit status 1.
+naming the cell and the error, and exit status 1; a stage's `processes` beyond the GPUs (or cores) here,
+one line and exit status 2 before any work.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from .common import REPO_ROOT, NifiError
+from .launch import UsageError, check_processes
 from .outputs import check_out_dir, check_out_file
 from .params import stage_params, stage_spec
 
@@ -61,6 +63,8 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
 
     spec = stage_spec(stage, profile)
     params = stage_params(stage, profile)
+    if "processes" in params:  # the stage launches itself on that many ranks: refuse before anything runs
+        check_processes(params["processes"], f"{stage}.{params['profile']}.processes")
     if not spec.notebook.is_file():
         raise NifiError(f"notebook {spec.notebook} not found")
     prepare_outputs(spec.outs)
@@ -101,6 +105,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         run_stage(args.stage, args.profile, args.timeout, log_output=not args.quiet)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NifiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

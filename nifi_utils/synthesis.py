@@ -6,7 +6,9 @@ each level as a `.nifi` bitstream, decode it, and render from the *decoded* scen
   (`pairs/<scene>/level<l>/<view>.png`, clean images in `pairs/<scene>/clean/`);
 - every scene: the test views at each level, the uncompressed 3DGS and the ground truth
   (`renders/<scene>/{level<l>,uncompressed,gt}/<view>.png`), scored with PSNR and ST-LPIPS.
-Scenes are independent: `shard_of` splits a list of scenes across processes or machines.
+Scenes are independent: `synthesize_ranks` runs them on N ranks through `accelerate launch` (rank r of n takes
+scenes i with i % n == r, the assignment `shard_of` also gives the CLI's `--shard r/n`); the main process gathers
+the per-scene records.
 """
 from __future__ import annotations
 
@@ -198,3 +200,62 @@ def synthesize(scene_dirs: list[Path], data_root: Path, cfg: SynthesisConfig, se
                device="cpu") -> list[dict]:
     return [synthesize_scene(d, data_root, cfg, seed, device) for d in progress(shard_of(scene_dirs, shard),
                                                                                 desc="synthesis")]
+
+
+OUTPUT_DIRS = ("bitstreams", "pairs", "renders", "records")  # what synthesize_scene writes under data_root
+
+
+def synthesize_ranks(scene_dirs: list[Path], data_root: Path, cfg: SynthesisConfig, seed: int,
+                     processes: int) -> list[dict]:
+    """`synthesize` over `processes` ranks through `accelerate launch` (one torch thread each on CPU); the records
+    in the order of `scene_dirs`. A rank's error is one NifiError naming the rank and the scene, and the partial
+    outputs are removed (DVC must not take them for the stage's results)."""
+    from .launch import launch
+
+    job = {"scene_dirs": [str(d) for d in scene_dirs], "data_root": str(data_root), "cfg": cfg, "seed": seed}
+    try:
+        recs = launch("nifi_utils.synthesis", job, processes, what="scene")
+    except NifiError:
+        for sub in OUTPUT_DIRS:
+            shutil.rmtree(Path(data_root) / sub, ignore_errors=True)
+        raise
+    by_name = {r["scene"]: r for r in recs}
+    return [by_name[Path(d).name] for d in scene_dirs]
+
+
+def rank_main(argv: list[str] | None = None) -> int:
+    """One rank of `synthesize_ranks`: `python -m nifi_utils.synthesis JOB.pkl RECORDS.pkl` under `accelerate launch`."""
+    import os
+    import pickle
+    import sys
+
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from .launch import rank_error
+
+    job_path, out_path = argv if argv is not None else sys.argv[1:]
+    state = PartialState(cpu=not torch.cuda.is_available())
+    job = pickle.loads(Path(job_path).read_bytes())
+    mine = shard_of(job["scene_dirs"], f"{state.process_index}/{state.num_processes}")
+    recs = []
+    for d in progress(mine, desc=f"synthesis rank {state.process_index}"):
+        try:
+            recs.append(synthesize_scene(d, job["data_root"], job["cfg"], job["seed"], state.device))
+        except Exception as e:  # one line naming the rank and the scene; torchrun then stops the other ranks
+            rank_error(state.process_index, Path(d).name, e, "scene")
+            sys.stdout.flush()
+            os._exit(1)
+    recs = gather_object(recs)  # every rank's records, on every rank
+    if state.is_main_process:
+        Path(out_path).write_bytes(pickle.dumps(recs))
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from nifi_utils.synthesis import rank_main as _rank_main  # the package's module, not a second copy as __main__
+
+    sys.exit(_rank_main())

@@ -23,8 +23,8 @@
 # external codecs), `reports/<profile>/synthesis.json`, `reports/<profile>/figures/artifacts_per_rate.png`.
 #
 # **Runtime.** `tiny` ~10 s · `cpu` ~8 min on 2 cores (2 worker processes; 503 s measured for 11
-# scenes; the last cell prints this run's time) · `paper`: per scene, minutes on a GPU; shard scenes across machines with
-# `python -m nifi_utils synthesize --shard k/n`.
+# scenes; the last cell prints this run's time) · `paper`: per scene, minutes on a GPU; `workers` = the GPUs (one rank
+# each through `accelerate launch`).
 
 # %% tags=["parameters"]
 profile = "tiny"
@@ -56,10 +56,7 @@ anchors = ["spz"]
 
 # %%
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 
 import matplotlib.pyplot as plt
@@ -68,7 +65,8 @@ from PIL import Image
 
 from nifi_utils.common import pick_device, provenance, repo_path
 from nifi_utils.metrics import METRIC_BACKENDS, psnr, stlpips
-from nifi_utils.synthesis import SynthesisConfig, shard_of, synthesize
+from nifi_utils.launch import check_processes
+from nifi_utils.synthesis import SynthesisConfig, synthesize, synthesize_ranks
 
 params = dict(n_levels=n_levels, c_min=c_min, n_max=n_max, sh_degrees=sh_degrees, scoring=scoring,
               score_views=score_views, bits=bits,
@@ -90,20 +88,16 @@ print(f"{len(scene_dirs)} scenes, codec config: {cfg}")
 
 # %% [markdown]
 # ## Run the codec on every scene
-# Scenes are independent. With `workers > 1` the notebook starts that many processes, each running
-# `python -m nifi_utils synthesize --shard k/n` (same code, one thread each on CPU); each writes one
-# record per scene to `data/<profile>/records/`.
+# Scenes are independent. With `workers > 1` they run on that many ranks through `accelerate launch` (same code,
+# one thread each on CPU; rank r takes scenes i with i % workers == r); each writes one record per scene to
+# `data/<profile>/records/` and the main rank gathers them. A failing rank stops the run in one line naming the
+# scene, and the partial outputs are removed.
 
 # %%
-if workers <= 1:
+if check_processes(workers, "workers") <= 1:
     synthesize(scene_dirs, data_root, cfg, seed, "0/1", device)
 else:
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // workers)))
-    procs = [subprocess.Popen([sys.executable, "-m", "nifi_utils", "synthesize", "--profile", profile,
-                               "--shard", f"{k}/{workers}", "--device", str(device)], env=env, cwd=repo_path("."))
-             for k in range(workers)]
-    failed = [k for k, p in enumerate(procs) if p.wait() != 0]
-    assert not failed, f"synthesis workers {failed} failed (see their output above)"
+    synthesize_ranks(scene_dirs, data_root, cfg, seed, workers)
 records = [json.loads((data_root / "records" / f"{d.name}.json").read_text()) for d in scene_dirs]
 print(f"codec done in {time.time() - t_start:.0f} s")
 

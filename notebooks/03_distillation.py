@@ -61,6 +61,7 @@ eval_every = 5
 mixed_precision = "no"
 eval_views = 8
 workers = 1
+processes = 1
 
 # %%
 import hashlib
@@ -74,7 +75,9 @@ import pandas as pd
 import torch
 
 from nifi_utils.common import pick_device, provenance, repo_path
-from nifi_utils.distill import DistillConfig, HeldoutEval, PairSet, config_dict, heldout_pairs, train_variants
+from nifi_utils.distill import (DistillConfig, HeldoutEval, PairSet, config_dict, heldout_pairs, launch_variants,
+                                train_variants)
+from nifi_utils.launch import check_processes
 from nifi_utils.metrics import METRIC_BACKENDS, stlpips
 from nifi_utils.restorer import Restorer
 
@@ -86,6 +89,7 @@ fig_path = repo_path("reports", profile, "figures", "distill_examples.png")
 out_dir.mkdir(parents=True, exist_ok=True)
 fig_path.parent.mkdir(parents=True, exist_ok=True)
 device = pick_device("auto")
+processes = check_processes(processes)  # more than the GPUs (or cores) here: one line, before any work
 t_start = time.time()
 pairs = PairSet.from_pairs_dir(repo_path("data", profile, "pairs"))
 print(f"{len(pairs.lq)} training pairs from {len({m[0] for m in pairs.meta})} scenes")
@@ -113,6 +117,9 @@ print({k: round(v, 4) for k, v in compressed_scores.items()}, "(compressed)")
 # lets an interrupted run continue (same config hash) where it stopped. Variants are independent: on CPU
 # they train side by side in `workers` processes (one torch thread each: the small transformer does not
 # scale over threads, two variants do); each seeds itself from `seed`, so results do not depend on `workers`.
+# With `processes` > 1 each variant trains on that many ranks through `accelerate launch` (DDP: every rank draws
+# `batch` pairs from its own rank-seeded stream, the LoRA gradients are averaged; the main process evaluates,
+# checkpoints and exports); a run resumes only on the number of processes that wrote its checkpoint.
 
 # %%
 base_cfg = dict(rank=rank, critic_rank=critic_rank, t0=t0, alpha=alpha, cfg_scale=cfg_scale, tsd_weight=tsd_weight,
@@ -129,7 +136,8 @@ for name in variants:
     key = hashlib.sha1(json.dumps([config_dict(cfg), base_model], sort_keys=True).encode()).hexdigest()[:12]
     jobs.append({"name": name, "cfg": cfg, "base_model": str(repo_path(base_model)), "ckpt": str(ckpt_root / f"{name}-{key}"),
                  "out_path": str(out_dir / f"{name}.pt"), "pairs": pairs, "evaluate": evaluate, "device": str(device)})
-done = train_variants(jobs, workers if device.type == "cpu" else 1)
+done = (launch_variants(jobs, processes) if processes > 1
+        else train_variants(jobs, workers if device.type == "cpu" else 1))
 results = {r["name"]: r["result"] for r in done}
 curves = [{"variant": r["name"], **h} for r in done for h in r["history"]]
 peak_rss_gb = max(r["peak_rss_gb"] for r in done)  # the largest process (with workers, each holds its own prior)
@@ -205,7 +213,7 @@ report = {"variants": results, "compressed_heldout_stlpips": {f"level{lv}": floa
           "checks": checks, "n_pairs": len(pairs.lq), "n_heldout": len(held_lq), "base_model": base_model,
           "metric_backends": {k: METRIC_BACKENDS[k] for k in ("stlpips_alex", "stlpips_vgg", "psnr", "ssim", "periodic")},
           "peak_rss_gb": max(peak_rss_gb, __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20),
-          "workers": workers,
+          "workers": workers, "processes": processes,
           "seconds": round(time.time() - t_start, 1), "provenance": provenance(profile, seed, device)}
 report_path.write_text(json.dumps(report, indent=1, default=str))
 print(f"stage time {time.time() - t_start:.0f} s, peak RSS {report['peak_rss_gb']:.2f} GB")

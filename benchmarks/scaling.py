@@ -1,0 +1,136 @@
+"""Scaling benchmark: one process with 2 torch threads against 2 ranks with 1 thread each (`accelerate launch`, gloo)
+on the same machine, for distillation (steps/s, and pairs/s: each rank takes `batch` pairs per step) and synthesis
+(scenes/min). Sizes from params.yaml (`distill.<profile>`, `synthesis.<profile>`); the inputs are made here, not the
+stages' (a tiny random prior of the SD3 architecture, procedural pairs and scenes), so it runs without the pipeline.
+Writes benchmarks/results/scaling.json. On the 2-core development machine it was run with `--profile tiny` only
+(the cpu profile's distill configuration takes minutes per variant; run it where the time is available).
+
+    python benchmarks/scaling.py [--profile tiny|cpu] [--steps N] [--scenes N] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _pairs(n: int, size: int):
+    import torch
+
+    from nifi_utils.distill import PairSet
+
+    g = torch.Generator().manual_seed(0)
+    hq = torch.rand(n, 3, size, size, generator=g)
+    lq = torch.nn.functional.avg_pool2d(hq, 3, 1, 1)
+    to8 = lambda t: (t.clamp(0, 1) * 255).round().byte()  # noqa: E731
+    return PairSet(to8(lq), to8(hq), [("s", 0, str(i)) for i in range(n)])
+
+
+def distill_case(profile: str, steps: int, tmp: Path, processes: int) -> dict:
+    import torch
+
+    from nifi_utils.distill import DistillConfig, launch_variants, train_variants
+    from nifi_utils.models import save_prior, tiny_sd3
+    from nifi_utils.params import stage_params
+
+    p = stage_params("distill", profile)
+    keys = DistillConfig.__dataclass_fields__
+    cfg = DistillConfig(**{**{k: v for k, v in p.items() if k in keys}, "steps": steps, "eval_every": 0,
+                           "checkpoint_every": 0})
+    base = tmp / "prior"
+    if not base.is_dir():
+        save_prior(tiny_sd3(seed=0), base)
+    job = {"name": f"bench{processes}", "cfg": cfg, "base_model": str(base), "ckpt": str(tmp / f"ckpt{processes}"),
+           "out_path": str(tmp / f"bench{processes}.pt"), "pairs": _pairs(16, max(cfg.crop, 32)),
+           "evaluate": _no_eval_picklable()}
+    t = time.time()
+    if processes == 1:
+        torch.set_num_threads(2)
+        res = train_variants([job], 1)[0]
+    else:
+        res = launch_variants([job], processes)[0]
+    wall = time.time() - t
+    train_s = res["result"]["seconds"]  # training loop only (the model load and launch are in `wall`)
+    return {"processes": processes, "threads_per_process": 2 if processes == 1 else 1, "steps": steps,
+            "batch_per_rank": cfg.batch, "train_seconds": round(train_s, 2), "wall_seconds": round(wall, 2),
+            "steps_per_s": round(steps / train_s, 3), "pairs_per_s": round(steps * cfg.batch * processes / train_s, 3)}
+
+
+def _no_eval(d, full=False):
+    """No held-out evaluation: the timing is of training alone."""
+    return {"heldout_stlpips": float("nan")}
+
+
+def _no_eval_picklable():
+    # run as a script this module is __main__, which the ranks cannot import: hand them `scaling._no_eval`
+    import scaling
+
+    return scaling._no_eval
+
+
+def synthesis_case(profile: str, n_scenes: int, tmp: Path, processes: int) -> dict:
+    import torch
+
+    from nifi_utils.params import stage_params
+    from nifi_utils.scenes import SceneSpec, build_scenes
+    from nifi_utils.synthesis import SynthesisConfig, synthesize, synthesize_ranks
+
+    sp = stage_params("synthesis", profile)
+    cfg = SynthesisConfig.from_params({**sp, "anchors": []})
+    sc = stage_params("scenes", profile)
+    root = tmp / "scenes"
+    if not root.is_dir():
+        specs = [SceneSpec(f"{'train' if i % 2 == 0 else 'eval'}_{i:02d}", 100 + i, "train" if i % 2 == 0 else "eval",
+                           sc["n_gaussians"], sc["n_views"], sc["width"], sc["height"]) for i in range(n_scenes)]
+        build_scenes(specs, root, workers=1)
+    dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    t = time.time()
+    if processes == 1:
+        torch.set_num_threads(2)
+        synthesize(dirs, tmp / "out1", cfg, 0, "0/1", "cpu")
+    else:
+        synthesize_ranks(dirs, tmp / f"out{processes}", cfg, 0, processes)
+    wall = time.time() - t
+    return {"processes": processes, "threads_per_process": 2 if processes == 1 else 1, "scenes": len(dirs),
+            "wall_seconds": round(wall, 2), "scenes_per_min": round(60 * len(dirs) / wall, 2)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="tiny", choices=["tiny", "cpu"])
+    ap.add_argument("--steps", type=int, default=20, help="distillation steps per case")
+    ap.add_argument("--scenes", type=int, default=4, help="procedural scenes per synthesis case")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("NIFI_QUIET", "1")
+    # the ranks import this module (as `scaling`) and the package
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    import torch
+
+    from nifi_utils.common import provenance
+
+    with tempfile.TemporaryDirectory(prefix="nifi-scaling-") as tmp:
+        tmp = Path(tmp)
+        distill = [distill_case(args.profile, args.steps, tmp, n) for n in (1, 2)]
+        synthesis = [synthesis_case(args.profile, args.scenes, tmp, n) for n in (1, 2)]
+    out = {"what": "1 process x 2 torch threads vs 2 ranks x 1 thread (accelerate launch, gloo) on this machine; "
+                   "distill: steps/s of the training loop (each rank takes batch_per_rank pairs per step, so 2 ranks "
+                   "train on twice the pairs per step), synthesis: scenes/min including the launch",
+           "profile": args.profile, "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
+           "distill": distill, "synthesis": synthesis,
+           "provenance": provenance(args.profile, 0, torch.device("cpu"))}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(json.dumps({k: out[k] for k in ("distill", "synthesis")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
