@@ -104,12 +104,7 @@ def main(argv=None) -> int:
         label = "w/o t0\n(1.0)" if t0 is None else f"{t0:.0f}\n({s0:.3f})" if t0 >= 1 else f"{t0:.2f}\n({s0:.4f})"
         cfg = DistillConfig(**{**base, "t0": t0})
         if args.untrained_only:
-            import torch
-
-            with torch.no_grad():
-                out = torch.cat([prior.restore(evaluate.lq[i:i + 8], t0=t0, seed=0, sample=cfg.latent == "sample")
-                                 for i in range(0, len(evaluate.lq), 8)])
-            r = {"start": evaluate.scores(out, full=True)}
+            r = {"start": evaluate.scores(evaluate.restore_with(prior, t0, cfg.latent), full=True)}
             r["final"] = r["start"]  # nothing trained: the figure's two lines coincide
         else:
             r = screening.run(name, cfg, base_model, pairs, evaluate)

@@ -429,9 +429,13 @@ class HeldoutEval:
         self.gt_periodic = periodic_artifact(hq)
 
     def restored(self, d: "Distiller") -> torch.Tensor:
+        return self.restore_with(d.r, d.cfg.t0, d.cfg.latent)
+
+    def restore_with(self, r: Restorer, t0, latent: str) -> torch.Tensor:
+        """The held-out inputs restored by `r` from `t0` (a distiller's restorer, or a prior with no LoRA)."""
         with torch.no_grad():
-            sample = d.cfg.latent == "sample" if self.sample is None else self.sample
-            return torch.cat([d.r.restore(self.lq[i:i + 8], t0=d.cfg.t0, seed=self.seed, sample=sample)
+            sample = latent == "sample" if self.sample is None else self.sample
+            return torch.cat([r.restore(self.lq[i:i + 8], t0=t0, seed=self.seed, sample=sample)
                               for i in range(0, len(self.lq), 8)])
 
     def scores(self, out: torch.Tensor, full: bool = False) -> dict:
