@@ -519,29 +519,20 @@ def launch_variants(jobs: list[dict], processes: int) -> list[dict]:
 
 def rank_main(argv: list[str] | None = None) -> int:
     """One rank of `launch_variants`: `python -m nifi_utils.distill JOBS.pkl RESULTS.pkl` under `accelerate launch`."""
-    import os
     import pickle
     import sys
 
     from accelerate import PartialState
 
-    from .launch import rank_error
+    from .launch import finish_rank, run_rank_jobs
 
     jobs_path, results_path = argv if argv is not None else sys.argv[1:]
     state = PartialState(cpu=not torch.cuda.is_available())
     jobs = pickle.loads(Path(jobs_path).read_bytes())
-    done = []
-    for job in jobs:
-        try:
-            done.append(train_variant(**{**job, "device": str(state.device)}))
-        except Exception as e:  # one line naming the rank and the variant; torchrun then stops the other ranks
-            rank_error(state.process_index, job["name"], e, "variant")
-            sys.stdout.flush()
-            os._exit(1)  # a clean exit would wait on the other ranks, which wait on this one
-    if state.is_main_process:
-        Path(results_path).write_bytes(pickle.dumps(done))
-    state.wait_for_everyone()
-    return 0
+    # every rank runs every variant (DDP inside each); the main process's records are the results
+    done = run_rank_jobs(state.process_index, jobs, lambda job: train_variant(**{**job, "device": str(state.device)}),
+                         lambda job: job["name"], "variant")
+    return finish_rank(state, results_path, done)
 
 
 if __name__ == "__main__":

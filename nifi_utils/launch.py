@@ -146,6 +146,34 @@ def rank_error(rank: int, job: str, e: BaseException, what: str = "job") -> str:
     return line
 
 
+def run_rank_jobs(rank: int, items, fn, name_of, what: str = "job") -> list:
+    """`fn(item)` for every item this rank runs, in order. A raising item is `rank_error`'s one line naming the rank
+    and the job, then this process ends at once (torchrun stops the others)."""
+    out = []
+    for item in items:
+        try:
+            out.append(fn(item))
+        except Exception as e:
+            rank_error(rank, name_of(item), e, what)
+            sys.stdout.flush()
+            os._exit(1)  # a clean exit would wait on the other ranks, which wait on this one
+    return out
+
+
+def finish_rank(state, results_path: str | Path, results) -> int:
+    """The main process writes the results `launch` reads back; every rank waits for it."""
+    if state.is_main_process:
+        Path(results_path).write_bytes(pickle.dumps(results))
+    state.wait_for_everyone()
+    return 0
+
+
+def error_exit(e: NifiError) -> int:
+    """A command's one error line; exit status 2 for a request that cannot run here, 1 for a failure."""
+    print(f"error: {e}", file=sys.stderr)
+    return 2 if isinstance(e, UsageError) else 1
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -155,12 +183,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         return follow(args.timeout)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except NifiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error_exit(e)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .common import REPO_ROOT, NifiError
-from .launch import UsageError, check_processes
+from .launch import check_processes, error_exit
 from .outputs import check_out_dir, check_out_file
 from .params import stage_params, stage_spec
 
@@ -105,12 +105,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         run_stage(args.stage, args.profile, args.timeout, log_output=not args.quiet)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except NifiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error_exit(e)
     return 0
 
 

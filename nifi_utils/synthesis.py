@@ -225,32 +225,22 @@ def synthesize_ranks(scene_dirs: list[Path], data_root: Path, cfg: SynthesisConf
 
 def rank_main(argv: list[str] | None = None) -> int:
     """One rank of `synthesize_ranks`: `python -m nifi_utils.synthesis JOB.pkl RECORDS.pkl` under `accelerate launch`."""
-    import os
     import pickle
     import sys
 
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from .launch import rank_error
+    from .launch import finish_rank, run_rank_jobs
 
     job_path, out_path = argv if argv is not None else sys.argv[1:]
     state = PartialState(cpu=not torch.cuda.is_available())
     job = pickle.loads(Path(job_path).read_bytes())
     mine = shard_of(job["scene_dirs"], f"{state.process_index}/{state.num_processes}")
-    recs = []
-    for d in progress(mine, desc=f"synthesis rank {state.process_index}"):
-        try:
-            recs.append(synthesize_scene(d, job["data_root"], job["cfg"], job["seed"], state.device))
-        except Exception as e:  # one line naming the rank and the scene; torchrun then stops the other ranks
-            rank_error(state.process_index, Path(d).name, e, "scene")
-            sys.stdout.flush()
-            os._exit(1)
-    recs = gather_object(recs)  # every rank's records, on every rank
-    if state.is_main_process:
-        Path(out_path).write_bytes(pickle.dumps(recs))
-    state.wait_for_everyone()
-    return 0
+    recs = run_rank_jobs(state.process_index, progress(mine, desc=f"synthesis rank {state.process_index}"),
+                         lambda d: synthesize_scene(d, job["data_root"], job["cfg"], job["seed"], state.device),
+                         lambda d: Path(d).name, "scene")
+    return finish_rank(state, out_path, gather_object(recs))  # every rank's records, gathered
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 
 from nifi_utils.distill import Distiller, DistillConfig, PairSet
 from nifi_utils.models import tiny_sd3
+from test_distill import _pairs as pairs  # the same four fixed pairs as the single-process tests
 
 # Every term of the generator's loss that draws no random number: no TSD term (its t and noise come from each rank's
 # own stream), t0=None (no noise at t0), the posterior's mean (no sample). Then a rank's loss on its 2 images is the
@@ -20,16 +21,6 @@ STEP_CFG = dict(rank=4, critic_rank=4, batch=2, crop=32, lr_g=1e-2, lr_c=1e-3, s
                 tsd_weight=0.0, perceptual_weight=0.0, lattice_weight=1.0, grad_clip=0.0, weight_decay=0.0)
 RESUME_CFG = dict(rank=4, critic_rank=4, batch=2, crop=32, lr_g=1e-3, lr_c=1e-3, cfg_scale=2.0, seed=0,
                   checkpoint_every=2, perceptual_weight=0.0, lattice_weight=1.0)
-
-
-def pairs(n=4, size=32, seed=0) -> PairSet:
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    hq = torch.stack([(0.5 + 0.4 * torch.sin(8 * xx + 3 * k) * torch.cos(5 * yy)) for k in range(3)])
-    hq = (hq[None] * (0.7 + 0.3 * torch.rand(n, 3, 1, 1, generator=g))).clamp(0, 1)
-    lq = torch.nn.functional.avg_pool2d(hq, 3, 1, 1) + 0.05 * torch.randn(hq.shape, generator=g)
-    to8 = lambda t: (t.clamp(0, 1) * 255).round().byte()  # noqa: E731
-    return PairSet(to8(lq), to8(hq), [("s", 0, str(i)) for i in range(n)])
 
 
 def sgd(params, lr, weight_decay):
