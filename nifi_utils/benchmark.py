@@ -563,7 +563,8 @@ def score_all(outputs: dict, inputs: list[dict], gt: dict, views: dict, unc: dic
         rows += score_rows("3dgs", s, "uncompressed", "uncompressed", unc[s], gt[s], views[s], [float("nan")] * len(unc[s]),
                            records[s]["ply_bytes"], records[s]["ply_bytes"], metrics, meters.get(s), device)
     by_key = {(i["scene"], i["codec"], i["rate"]): i for i in inputs}
-    for (m, s, codec, rate), (ims, ms) in progress(list(outputs.items()), desc="metrics"):
+    # scene by scene: the ground truth's ST-LPIPS features are computed once per scene (metrics.stlpips)
+    for (m, s, codec, rate), (ims, ms) in progress(sorted(outputs.items(), key=lambda kv: kv[0][1]), desc="metrics"):
         i = by_key[(s, codec, rate)]
         rows += score_rows(m, s, codec, rate, ims, gt[s], views[s], ms, i["bytes"], i["ply_bytes"], metrics, meters.get(s), device)
     order = {m: n for n, m in enumerate(METHOD_ORDER)}

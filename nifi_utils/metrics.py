@@ -74,9 +74,57 @@ def stlpips_model(net: str = "alex", device: str = "cpu") -> torch.nn.Module:
 
 
 def stlpips(pred, gt, net: str = "alex") -> torch.Tensor:
-    """ST-LPIPS distance per image (lower is better); differentiable w.r.t. `pred`."""
+    """ST-LPIPS distance per image (lower is better); differentiable w.r.t. `pred`.
+
+    The ground truth's half of the network runs once per distinct `gt` batch (`_reference_features`): an
+    evaluation scores many methods and steps against the same ground truth. The value is the model's own
+    forward, op for op (tests/test_metrics_cache.py compares them)."""
     p, g = _pair(pred, gt, "ST-LPIPS")
-    return stlpips_model(net, str(p.device))(p, g, normalize=True).reshape(-1)
+    model = stlpips_model(net, str(p.device))
+    if not (getattr(model, "version", None) == "0.1" and model.lpips and not model.spatial):
+        return model(p, g, normalize=True).reshape(-1)  # a configuration the split below does not cover
+    from stlpips_pytorch.stlpips import spatial_average
+    from stlpips_pytorch.utils import normalize_tensor
+
+    ref = _reference_features(model, net, g)
+    outs = model.net.forward(model.scaling_layer(2 * p - 1))
+    val = 0
+    for kk in range(model.L):
+        val = val + spatial_average(model.lins[kk]((normalize_tensor(outs[kk]) - ref[kk]) ** 2), keepdim=True)
+    return val.reshape(-1)
+
+
+_REF_CACHE = None  # OrderedDict: key -> normalised features, oldest first
+REF_CACHE_BYTES = 128 * 2**20
+
+
+def _reference_features(model, net: str, g: torch.Tensor) -> list[torch.Tensor]:
+    """The normalised features of reference images `g`, kept for the most recent distinct batches up to
+    REF_CACHE_BYTES (a batch larger than that is computed and not kept). The key is the images' bytes (a
+    digest), shape, dtype, device and network, so changed images are never served stale features. Written by
+    hand because the ST-LPIPS package computes both halves in every call."""
+    import collections
+    import hashlib
+
+    global _REF_CACHE
+    if _REF_CACHE is None:
+        _REF_CACHE = collections.OrderedDict()
+    gc = g.detach().contiguous()
+    key = (net, str(gc.device), tuple(gc.shape), str(gc.dtype),
+           hashlib.blake2b(gc.cpu().numpy().tobytes(), digest_size=16).hexdigest())
+    if key in _REF_CACHE:
+        _REF_CACHE.move_to_end(key)
+        return _REF_CACHE[key]
+    from stlpips_pytorch.utils import normalize_tensor
+
+    with torch.no_grad():
+        feats = [normalize_tensor(o) for o in model.net.forward(model.scaling_layer(2 * gc - 1))]
+    nbytes = lambda fs: sum(f.numel() * f.element_size() for f in fs)  # noqa: E731
+    if nbytes(feats) <= REF_CACHE_BYTES:
+        _REF_CACHE[key] = feats
+        while sum(nbytes(v) for v in _REF_CACHE.values()) > REF_CACHE_BYTES:
+            _REF_CACHE.popitem(last=False)
+    return feats
 
 
 TORCHVISION_WEIGHTS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
