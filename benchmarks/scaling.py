@@ -2,10 +2,11 @@
 on the same machine, for distillation (steps/s, and pairs/s: each rank takes `batch` pairs per step) and synthesis
 (scenes/min). Sizes from params.yaml (`distill.<profile>`, `synthesis.<profile>`); the inputs are made here, not the
 stages' (a tiny random prior of the SD3 architecture, procedural pairs and scenes), so it runs without the pipeline.
-Writes benchmarks/results/scaling.json. On the 2-core development machine it was run with `--profile tiny` only
-(the cpu profile's distill configuration takes minutes per variant; run it where the time is available).
+Writes benchmarks/results/scaling.json. The committed result: the cpu profile's sizes with the stage's own prior,
 
-    python benchmarks/scaling.py [--profile tiny|cpu] [--steps N] [--scenes N] [--out FILE]
+    python benchmarks/scaling.py --profile cpu --steps 60 --scenes 2 --base-model data/cpu/prior
+
+    python benchmarks/scaling.py [--profile tiny|cpu] [--steps N] [--scenes N] [--base-model DIR] [--out FILE]
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _pairs(n: int, size: int):
     return PairSet(to8(lq), to8(hq), [("s", 0, str(i)) for i in range(n)])
 
 
-def distill_case(profile: str, steps: int, tmp: Path, processes: int) -> dict:
+def distill_case(profile: str, steps: int, tmp: Path, processes: int, base_model: str | None = None) -> dict:
     import torch
 
     from nifi_utils.distill import DistillConfig, launch_variants, train_variants
@@ -44,9 +45,9 @@ def distill_case(profile: str, steps: int, tmp: Path, processes: int) -> dict:
     keys = DistillConfig.__dataclass_fields__
     cfg = DistillConfig(**{**{k: v for k, v in p.items() if k in keys}, "steps": steps, "eval_every": 0,
                            "checkpoint_every": 0})
-    base = tmp / "prior"
+    base = Path(base_model) if base_model else tmp / "prior"
     if not base.is_dir():
-        save_prior(tiny_sd3(seed=0), base)
+        save_prior(tiny_sd3(seed=0), base)  # a tiny random prior of the SD3 architecture
     job = {"name": f"bench{processes}", "cfg": cfg, "base_model": str(base), "ckpt": str(tmp / f"ckpt{processes}"),
            "out_path": str(tmp / f"bench{processes}.pt"), "pairs": _pairs(16, max(cfg.crop, 32)),
            "evaluate": _no_eval_picklable()}
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="tiny", choices=["tiny", "cpu"])
     ap.add_argument("--steps", type=int, default=20, help="distillation steps per case")
     ap.add_argument("--scenes", type=int, default=4, help="procedural scenes per synthesis case")
+    ap.add_argument("--base-model", default=None,
+                    help="distill from this prior folder (e.g. data/cpu/prior, the stage's own) instead of a tiny random one")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("NIFI_QUIET", "1")
@@ -118,12 +121,13 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="nifi-scaling-") as tmp:
         tmp = Path(tmp)
-        distill = [distill_case(args.profile, args.steps, tmp, n) for n in (1, 2)]
+        distill = [distill_case(args.profile, args.steps, tmp, n, args.base_model) for n in (1, 2)]
         synthesis = [synthesis_case(args.profile, args.scenes, tmp, n) for n in (1, 2)]
     out = {"what": "1 process x 2 torch threads vs 2 ranks x 1 thread (accelerate launch, gloo) on this machine; "
                    "distill: steps/s of the training loop (each rank takes batch_per_rank pairs per step, so 2 ranks "
                    "train on twice the pairs per step), synthesis: scenes/min including the launch",
-           "profile": args.profile, "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
+           "profile": args.profile, "base_model": args.base_model or "tiny random SD3-architecture prior",
+           "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
            "distill": distill, "synthesis": synthesis,
            "provenance": provenance(args.profile, 0, torch.device("cpu"))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
