@@ -17,7 +17,7 @@
 # The rate of a level is the byte count of its `.nifi` file, compared with the uncompressed INRIA
 # `.ply` ("3DGS-30K" in Table 1).
 #
-# **Inputs.** `data/<profile>/scenes/` (stage `scenes`), `params.yaml` → `synthesis.<profile>`.
+# **Inputs.** `data/<profile>/scenes/` (stage `scenes`), `params.yaml` → `synthesis`.
 # **Outputs.** `data/<profile>/bitstreams/<scene>/level<l>.nifi`, `data/<profile>/pairs/<scene>/`
 # (`clean/`, `level<l>/`), `data/<profile>/renders/<scene>/` (`gt/`, `uncompressed/`, `level<l>/`,
 # external codecs), `reports/<profile>/synthesis.json`, `reports/<profile>/figures/artifacts_per_rate.png`.
@@ -197,7 +197,7 @@ if anchor_rows:
                     "psnr_db_by_level": psnr_by.reset_index().to_dict(orient="records"),
                     "skipped": {row["anchor"]: row["skipped"] for _, row in skipped.iterrows()}}
 else:
-    print("no anchors computed (params: synthesis.<profile>.anchors)")
+    print("no anchors computed (params: synthesis.anchors)")
 
 # %% [markdown]
 # ## Checks (printed, not hidden in a test)
