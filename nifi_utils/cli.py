@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     y = sub.add_parser("synthesize", help="artifact synthesis for a shard of the scenes (params.yaml: synthesis)")
     y.add_argument("--profile", choices=["cpu", "tiny", "paper"])
     y.add_argument("--shard", default="0/1", help="k/n: scenes i with i %% n == k, the scenes of rank k of n under "
-                   "`accelerate launch` (the stage's `workers` > 1 launches the ranks itself)")
+                   "`accelerate launch` (the stage's `processes` > 1 launches the ranks itself)")
     y.add_argument("--device", default="auto")
     y.set_defaults(fn=cmd_synthesize)
 

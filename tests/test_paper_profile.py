@@ -150,7 +150,7 @@ def _paper_params(paper: dict, tiny: dict, user: dict) -> dict:
 
     p = {s: dict(paper[s]) for s in ("scenes", "synthesis", "prior", "distill", "refine", "benchmark", "plots", "viewer")}
     p["scenes"].update(datasets=user["datasets"])
-    p["synthesis"].update({k: tiny["synthesis"][k] for k in ("c_min", "workers")}, finetune_steps=5,
+    p["synthesis"].update({k: tiny["synthesis"][k] for k in ("c_min", "processes")}, finetune_steps=5,
                           external_codecs=user["external_codecs"])  # n_max stays the paper's fraction (0.85)
     p["prior"].update(sd3_dir=user["sd3_dir"], sd3_embeddings=user["sd3_embeddings"])
     p["distill"].update({k: tiny["distill"][k] for k in ("rank", "critic_rank", "batch", "eval_views")},

@@ -67,7 +67,8 @@ def test_keys_the_library_reads_are_in_every_profile(profile):
     assert {f.name for f in fields(PriorConfig)} <= set(stage_params("prior", profile))
     assert {f.name for f in fields(DistillConfig)} <= set(stage_params("distill", profile))
     RefineConfig.from_params(stage_params("refine", profile)["config"])  # an unknown field raises
-    assert isinstance(stage_params("distill", profile)["processes"], int)  # ranks through accelerate launch
+    for stage in ("synthesis", "distill"):  # ranks through accelerate launch
+        assert isinstance(stage_params(stage, profile)["processes"], int)
 
 
 def _stage_files():
