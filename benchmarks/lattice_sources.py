@@ -1,7 +1,7 @@
 """Where does a restorer's lattice come from, and what removes it without losing fidelity? One command.
 
-Short distillation runs from the same prior, pairs and seed, one per variant (`distill.<profile>` of
-params.yaml with single overrides), scored on the training scenes' held-out test views: ST-LPIPS alex (the
+Short distillation runs from the same prior, pairs and seed, one per variant (the profile's `distill` section
+with single overrides), scored on the training scenes' held-out test views: ST-LPIPS alex (the
 training loss's metric), ST-LPIPS vgg (never trained on), PSNR, SSIM and the periodic-artifact excess over the
 ground truth (`nifi_utils.metrics.periodic_artifact`; 0: no lattice), every `--eval-every` steps for alex and
 the lattice, at the start and the end for all. The compressed inputs are the row to beat.

@@ -1,6 +1,6 @@
 """Scaling benchmark: one process with 2 torch threads against 2 ranks with 1 thread each (`accelerate launch`, gloo)
 on the same machine, for distillation (steps/s, and pairs/s: each rank takes `batch` pairs per step) and synthesis
-(scenes/min). Sizes from params.yaml (`distill.<profile>`, `synthesis.<profile>`); the inputs are made here, not the
+(scenes/min). Sizes from the profile's `distill` and `synthesis` sections; the inputs are made here, not the
 stages' (a tiny random prior of the SD3 architecture, procedural pairs and scenes), so it runs without the pipeline.
 Writes benchmarks/results/scaling.json. The committed result: the cpu profile's sizes with the stage's own prior,
 

@@ -1,7 +1,7 @@
 """Short distillations side by side, for the screening scripts (`lattice_sources.py`, `t0_sweep.py`).
 
 Every variant trains from the same prior, pairs and seed through the distill stage's own path
-(`nifi_utils.distill.train_variant`), on `distill.<profile>` of params.yaml with a few overrides, and is scored
+(`nifi_utils.distill.train_variant`), on the profile's `distill` section with a few overrides, and is scored
 on the training scenes' held-out test views with the metric it trains on (ST-LPIPS alex), the ones it never
 sees (ST-LPIPS vgg, PSNR, SSIM) and the lattice it paints (periodic-artifact excess over the ground truth).
 """
@@ -20,9 +20,9 @@ COLUMNS = ("heldout_stlpips", "heldout_stlpips_vgg", "heldout_psnr", "heldout_ss
 def setup(profile: str, steps: int, eval_every: int, full_at_start: bool = False):
     """(base config dict, pairs, HeldoutEval, the compressed inputs' scores, params section)."""
     from nifi_utils.distill import DistillConfig, HeldoutEval, PairSet, heldout_pairs
-    from nifi_utils.params import load_params
+    from nifi_utils.params import stage_params
 
-    p = load_params(ROOT / "params.yaml")["distill"][profile]
+    p = stage_params("distill", profile)
     fields = set(DistillConfig.__dataclass_fields__)
     base = {k: v for k, v in p.items() if k in fields} | {"steps": steps, "eval_every": eval_every,
                                                           "checkpoint_every": 10**9, "seed": 0}

@@ -1,7 +1,7 @@
 """The paper's central claim as a lab result: how the start t0 of the one-step restore trades fidelity for generation.
 
 Distils the restorer at several t0 (w/o t0 = TSD-SR's start at sigma 1, then 399, 199, 99, 49 and the smallest
-timestep the scheduler has) with everything else from `distill.<profile>` of params.yaml, and scores each on the
+timestep the scheduler has) with everything else from the profile's `distill` section, and scores each on the
 training scenes' held-out test views (never a training pair): ST-LPIPS alex (the training loss's metric),
 ST-LPIPS vgg (never trained on), PSNR, SSIM and the lattice (periodic-artifact excess over the ground truth).
 Beside each, the prior's own untrained one step from the same t0 (the floor distillation starts from) and the
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--t0", default="none,399,199,99,49,min")
-    ap.add_argument("--lattice-weight", type=float, default=None, help="default: distill.<profile>.lattice_weight")
-    ap.add_argument("--base-model", default=None, help="the prior folder (default: distill.<profile>.base_model)")
+    ap.add_argument("--lattice-weight", type=float, default=None, help="default: the profile's distill.lattice_weight")
+    ap.add_argument("--base-model", default=None, help="the prior folder (default: the profile's distill.base_model)")
     ap.add_argument("--untrained-only", action="store_true", help="only the prior's own one step at each t0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "t0_sweep.json"))
     args = ap.parse_args(argv)

@@ -142,7 +142,7 @@ def list_test_views(renders_dir: Path, max_views: int = 0) -> list[str]:
         raise NifiError(f"no ground-truth test views in {renders_dir / 'gt'} (run the synthesis stage)")
     if max_views < 0 or max_views > len(views):
         raise NifiError(f"max_views = {max_views}, but {renders_dir.name} has {len(views)} test views "
-                        f"(use 0 for all, or generate more views: scenes.<profile>.n_views_eval)")
+                        f"(use 0 for all, or generate more views: scenes.n_views_eval)")
     return views[: max_views or None]
 
 

@@ -121,19 +121,18 @@ def cmd_decompress(args) -> int:
 
 
 def _refine(args) -> int:
-    """`decompress --refine`: NiFi-3D at the receiver (nifi_utils.refine), settings from params.yaml's refine section."""
+    """`decompress --refine`: NiFi-3D at the receiver (nifi_utils.refine), settings from the profile's refine section."""
     import time
 
     from .common import pick_device, repo_path
-    from .params import load_params
+    from .params import stage_params
     from .refine import RefineConfig, refine_file
 
     out = Path(args.out)
     if out.suffix.lower() != ".ply":
         raise NifiError(f"--out must be a .ply file, got {out}")
     check_out_file(out)  # refine_file writes it atomically, minutes from now
-    section = load_params().get("refine", {}).get(args.profile, {})
-    over = dict(section.get("config", {}))
+    over = dict(stage_params("refine", args.profile)["config"])
     if args.steps is not None:
         over["steps_per_round"] = args.steps
     if args.rounds is not None:
@@ -291,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--base-model", default=DEFAULT_BASE, help=f"with --refine: the prior (default {DEFAULT_BASE})")
     d.add_argument("--ckpt", help=f"with --refine: restorer LoRA (default with the default base: {DEFAULT_CKPT})")
     d.add_argument("--profile", default="cpu", choices=["cpu", "tiny", "paper"],
-                   help="with --refine: whose params.yaml refine settings to use (default cpu)")
+                   help="with --refine: whose refine settings to use (default cpu)")
     d.add_argument("--steps", type=int, help="with --refine: fitting steps per round (default: the profile's)")
     d.add_argument("--rounds", type=int, help="with --refine: render-restore-fit rounds (default: the profile's)")
     d.add_argument("--up", help="with --refine: the scene's up axis x,y,z (default: estimated from the Gaussians)")
@@ -304,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     y = sub.add_parser("synthesize", help="artifact synthesis for a shard of the scenes (params.yaml: synthesis)")
     y.add_argument("--profile", choices=["cpu", "tiny", "paper"])
     y.add_argument("--shard", default="0/1", help="k/n: scenes i with i %% n == k, the scenes of rank k of n under "
-                   "`accelerate launch` (the stage's `workers` > 1 launches the ranks itself)")
+                   "`accelerate launch` (the stage's `processes` > 1 launches the ranks itself)")
     y.add_argument("--device", default="auto")
     y.set_defaults(fn=cmd_synthesize)
 

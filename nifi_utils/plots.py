@@ -91,7 +91,7 @@ def load_benchmark(path: str | Path, metrics=()) -> pd.DataFrame:
     missing = [c for c in [*REQUIRED_COLUMNS, *metrics] if c not in df.columns]
     if missing:
         raise NifiError(f"{path} has no column(s) {', '.join(missing)} (columns: {', '.join(df.columns)}); "
-                        "rerun the benchmark stage with those metrics or drop them from plots.<profile> in params.yaml")
+                        "rerun the benchmark stage with those metrics or drop them from the profile's plots section (conf/)")
     if df.empty:
         raise NifiError(f"{path} has no rows: the benchmark stage evaluated nothing")
     return df

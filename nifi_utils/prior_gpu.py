@@ -9,7 +9,7 @@ a few minutes has no scenes folder, no gsplat renderer and no network, so the tr
         --prior data/cpu/prior --out OUT --tar --time-budget-s 330 [--steps --batch --lr --augment-copies]
 
 `pack` builds the prior stage's training images exactly as the stage does (`prior.training_images` with
-params.yaml `prior.<profile>`) and stores, losslessly (PNG), the part that needs this machine's data or
+params.yaml's `prior` section) and stores, losslessly (PNG), the part that needs this machine's data or
 renderer: the training scenes' training views and the procedural scenes rendered for the prior alone,
 plus the held-out views (for a validation loss) and the training photographs that scikit-image does not
 bundle (scikit-learn's). The seeded part (photo crops, textures: `prior.generated_images`) is made again
@@ -44,7 +44,7 @@ import torch
 from .common import NifiError, repo_path
 
 FORMAT = 1
-# params of prior.<profile> that decide the corpus's images: pack and train must agree on them
+# params of the prior section that decide the corpus's images: pack and train must agree on them
 CORPUS_KEYS = ("seed", "image_size", "n_textures", "n_prior_scenes", "prior_scene_views", "prior_scene_gaussians",
                "n_photo_crops")
 
@@ -67,18 +67,18 @@ def _from_u8(u8: np.ndarray) -> np.ndarray:
 
 
 def stage_config(profile: str):
-    """(params.yaml prior.<profile> with the seed, the PriorConfig the stage builds from it)."""
+    """(the profile's prior section with the seed, the PriorConfig the stage builds from it)."""
     from .params import stage_params
     from .prior import PriorConfig
 
     p = stage_params("prior", profile)
     if p.get("source", "train") != "train":
-        raise NifiError(f"prior.{profile} has source {p.get('source')!r}: only a trained prior (source: train) has a "
+        raise NifiError(f"prior (profile {profile}) has source {p.get('source')!r}: only a trained prior (source: train) has a "
                         f"transformer to train")
     names = {f.name for f in fields(PriorConfig)}
     missing = sorted(names - set(p))
     if missing:
-        raise NifiError(f"params.yaml prior.{profile} lacks {missing}")
+        raise NifiError(f"the prior section (profile {profile}) lacks {missing}")
     return p, PriorConfig(**{k: p[k] for k in names})
 
 
@@ -440,10 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior", required=True, help="prior folder whose VAE, scheduler and embeddings are kept")
     t.add_argument("--out", required=True, help="output folder (with --tar: gets prior.tar and dit_log.json)")
     t.add_argument("--time-budget-s", type=float, required=True, help="training seconds; the cosine decay ends there")
-    t.add_argument("--steps", type=int, help="step bound (default prior.<profile>.dit_steps)")
-    t.add_argument("--batch", type=int, help="default prior.<profile>.dit_batch")
-    t.add_argument("--lr", type=float, help="peak learning rate (default prior.<profile>.dit_lr)")
-    t.add_argument("--augment-copies", type=int, help="default prior.<profile>.augment_copies")
+    t.add_argument("--steps", type=int, help="step bound (default the profile's prior.dit_steps)")
+    t.add_argument("--batch", type=int, help="default the profile's prior.dit_batch")
+    t.add_argument("--lr", type=float, help="peak learning rate (default the profile's prior.dit_lr)")
+    t.add_argument("--augment-copies", type=int, help="default the profile's prior.augment_copies")
     t.add_argument("--device", default="auto")
     t.add_argument("--val-every", type=int, default=250, help="held-out flow loss every N steps (0: at the end only)")
     t.add_argument("--tar", action="store_true", help="write OUT/prior.tar + OUT/dit_log.json instead of a folder")

@@ -1,7 +1,7 @@
 """Layer 7 (pipeline): the papermill runner, `python -m nifi_utils.run <stage> [--profile P]`.
 
-Reads the stage from dvc.yaml and its parameters from params.yaml, creates the output folders
-(DVC deletes outs before running a stage), executes the jupytext py:percent notebook with
+Reads the stage from dvc.yaml and its parameters from params.yaml (conf/ composed for another --profile),
+creates the output folders (DVC deletes outs before running a stage), executes the jupytext py:percent notebook with
 papermill (kernel python3, cwd = repository root, cell output logged, per-cell timeout) and
 writes the executed notebook under reports/<profile>/executed/. A failing cell gives one line
 naming the cell and the error, and exit status 1; a stage's `processes` beyond the GPUs (or cores) here,
@@ -20,7 +20,7 @@ from pathlib import Path
 from .common import REPO_ROOT, NifiError
 from .launch import check_processes, error_exit
 from .outputs import check_out_dir, check_out_file
-from .params import stage_params, stage_spec
+from .params import PROFILES, stage_params, stage_spec
 
 
 def _rel(p: Path) -> str:
@@ -64,7 +64,7 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
     spec = stage_spec(stage, profile)
     params = stage_params(stage, profile)
     if "processes" in params:  # the stage launches itself on that many ranks: refuse before anything runs
-        check_processes(params["processes"], f"{stage}.{params['profile']}.processes")
+        check_processes(params["processes"], f"{stage}.processes (profile {params['profile']})")
     if not spec.notebook.is_file():
         raise NifiError(f"notebook {spec.notebook} not found")
     prepare_outputs(spec.outs)
@@ -98,7 +98,7 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nifi_utils.run", description=__doc__.splitlines()[0])
     ap.add_argument("stage", help="a stage of dvc.yaml, e.g. scenes")
-    ap.add_argument("--profile", choices=["cpu", "tiny", "paper"], help="override params.yaml's profile")
+    ap.add_argument("--profile", choices=PROFILES, help="another profile than params.yaml's (conf/ composed for it)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
     ap.add_argument("--quiet", action="store_true", help="do not echo cell output")
     args = ap.parse_args(argv)

@@ -531,7 +531,7 @@ def import_colmap_scene(name: str, colmap_dir: str | Path, ply: str | Path, out_
         raise NifiError(f"scene {name}: split must be 'train' or 'eval', got {split!r}")
     for p, what in ((colmap_dir, "COLMAP dataset folder"), (ply, "trained 3DGS point_cloud.ply")):
         if not p or not Path(p).exists():
-            raise NifiError(f"scene {name}: {what} not found: {p!r} (set it in params.yaml, scenes.paper.datasets)")
+            raise NifiError(f"scene {name}: {what} not found: {p!r} (set it in scenes.datasets: conf/profile/paper.yaml)")
     cams = colmap_cameras(colmap_dir, images_subdir)
     scene = read_ply(ply)
     out = Path(out_dir)

@@ -47,7 +47,7 @@ class SynthesisConfig:
 
     @classmethod
     def from_params(cls, p: dict) -> "SynthesisConfig":
-        """Build from the flat `synthesis.<profile>` keys of params.yaml (unknown keys ignored)."""
+        """Build from the flat `synthesis` section of params.yaml (unknown keys ignored)."""
         ft = {k: p[f"finetune_{k}" if k in ("steps", "qat", "shared") else k]
               for k in ("steps", "qat", "shared", "level_sampling", "lr_means", "lr_quats", "lr_scales", "lr_opacity", "lr_sh", "lambda_dssim")
               if (f"finetune_{k}" if k in ("steps", "qat", "shared") else k) in p}

@@ -13,11 +13,11 @@
 #   for evaluation scenes. Ground truth is a 2x supersampled, box-filtered render, so the
 #   uncompressed 3DGS rendered at the target size is close to, not identical with, the ground truth.
 # - `paper` profile: real datasets (COLMAP layout + a trained 3DGS `point_cloud.ply` per scene) from
-#   paths in `params.yaml`; nothing is downloaded.
+#   paths in `conf/profile/paper.yaml`; nothing is downloaded.
 #
 # Views are split as in the 3DGS literature: test views are every 8th frame (`idx % 8 == 0`).
 #
-# **Inputs.** `params.yaml` → `scenes.<profile>`. **Outputs.** `data/<profile>/scenes/<scene>/`
+# **Inputs.** `params.yaml` → `scenes`. **Outputs.** `data/<profile>/scenes/<scene>/`
 # (`point_cloud.ply`, `transforms.json`, `images/*.png`), `reports/<profile>/scenes.json`,
 # `reports/<profile>/figures/scenes_contact_sheet.png`.
 #
@@ -76,7 +76,7 @@ if source == "procedural":
     records = build_scenes(specs, out_root, gt_supersample, device, workers if device.type == "cpu" else 1)
 elif source == "colmap":
     if not datasets:
-        raise ValueError("scenes.paper.datasets is empty: list your COLMAP scenes in params.yaml (see README)")
+        raise ValueError("scenes.datasets is empty: list your COLMAP scenes in conf/profile/paper.yaml (see README)")
     for d in progress(datasets, desc="scenes"):
         folder = import_colmap_scene(d["name"], d["colmap_dir"], d["ply"], out_root / d["name"], d.get("images", "images"),
                                      width, d.get("split", "eval"))

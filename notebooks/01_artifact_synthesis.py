@@ -17,13 +17,13 @@
 # The rate of a level is the byte count of its `.nifi` file, compared with the uncompressed INRIA
 # `.ply` ("3DGS-30K" in Table 1).
 #
-# **Inputs.** `data/<profile>/scenes/` (stage `scenes`), `params.yaml` → `synthesis.<profile>`.
+# **Inputs.** `data/<profile>/scenes/` (stage `scenes`), `params.yaml` → `synthesis`.
 # **Outputs.** `data/<profile>/bitstreams/<scene>/level<l>.nifi`, `data/<profile>/pairs/<scene>/`
 # (`clean/`, `level<l>/`), `data/<profile>/renders/<scene>/` (`gt/`, `uncompressed/`, `level<l>/`,
 # external codecs), `reports/<profile>/synthesis.json`, `reports/<profile>/figures/artifacts_per_rate.png`.
 #
 # **Runtime.** `tiny` ~10 s · `cpu` ~8 min on 2 cores (2 worker processes; 503 s measured for 11
-# scenes; the last cell prints this run's time) · `paper`: per scene, minutes on a GPU; `workers` = the GPUs (one rank
+# scenes; the last cell prints this run's time) · `paper`: per scene, minutes on a GPU; `processes` = the GPUs (one rank
 # each through `accelerate launch`).
 
 # %% tags=["parameters"]
@@ -49,7 +49,7 @@ lr_opacity = 0.05
 lr_sh = 0.01
 lambda_dssim = 0.2
 background = [0.62, 0.70, 0.80]
-workers = 1
+processes = 1
 figure_view = 0
 external_codecs = []
 anchors = ["spz"]
@@ -88,16 +88,16 @@ print(f"{len(scene_dirs)} scenes, codec config: {cfg}")
 
 # %% [markdown]
 # ## Run the codec on every scene
-# Scenes are independent. With `workers > 1` they run on that many ranks through `accelerate launch` (same code,
-# one thread each on CPU; rank r takes scenes i with i % workers == r); each writes one record per scene to
+# Scenes are independent. With `processes > 1` they run on that many ranks through `accelerate launch` (same code,
+# one thread each on CPU; rank r takes scenes i with i % processes == r); each writes one record per scene to
 # `data/<profile>/records/` and the main rank gathers them. A failing rank stops the run in one line naming the
 # scene, and the partial outputs are removed.
 
 # %%
-if check_processes(workers, "workers") <= 1:
+if check_processes(processes, "synthesis.processes") <= 1:
     synthesize(scene_dirs, data_root, cfg, seed, "0/1", device)
 else:
-    synthesize_ranks(scene_dirs, data_root, cfg, seed, workers)
+    synthesize_ranks(scene_dirs, data_root, cfg, seed, processes)
 records = [json.loads((data_root / "records" / f"{d.name}.json").read_text()) for d in scene_dirs]
 print(f"codec done in {time.time() - t_start:.0f} s")
 
@@ -197,7 +197,7 @@ if anchor_rows:
                     "psnr_db_by_level": psnr_by.reset_index().to_dict(orient="records"),
                     "skipped": {row["anchor"]: row["skipped"] for _, row in skipped.iterrows()}}
 else:
-    print("no anchors computed (params: synthesis.<profile>.anchors)")
+    print("no anchors computed (params: synthesis.anchors)")
 
 # %% [markdown]
 # ## Checks (printed, not hidden in a test)
@@ -259,7 +259,7 @@ summary = {
     "size_units": "bytes; MB = 1e6 bytes; MiB = 2**20 bytes; ratio_to_ply = uncompressed INRIA .ply bytes / .nifi bytes",
     "metric_backends": {k: METRIC_BACKENDS[k] for k in ("psnr", "stlpips_alex")},
     "seconds": round(seconds, 1),
-    "workers": workers,
+    "processes": processes,
     "provenance": provenance(profile, seed, device),
 }
 report_path.parent.mkdir(parents=True, exist_ok=True)

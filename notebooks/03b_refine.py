@@ -36,7 +36,7 @@ variant = "nifi"
 workers = 1
 device = "auto"
 figure_scene = 0
-config = {"rounds": 2, "steps_per_round": 6, "n_cameras": 4, "width": 48, "height": 48, "densify_at": [0.5], "grad_threshold": 0.0, "grow_per_event": 0.25, "max_growth": 1.5}
+config = {"rounds": 2, "steps_per_round": 6, "n_cameras": 4, "elevations_deg": [15.0, 32.0], "fov_deg": 50.0, "radius_factor": 1.6, "width": 48, "height": 48, "up": "auto", "lambda_dssim": 0.2, "anchor_weight": 0.2, "confidence_tau": 0.15, "alpha_mask": 0.5, "lr_means": 0.00032, "lr_quats": 0.001, "lr_scales": 0.01, "lr_opacity": 0.05, "lr_sh": 0.01, "densify_at": [0.5], "grad_threshold": 0.0, "grow_per_event": 0.25, "max_growth": 1.5, "split_mode": "axis", "halve_opacity": True}
 
 # %%
 import json

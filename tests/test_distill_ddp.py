@@ -96,4 +96,4 @@ def test_processes_beyond_the_cores_are_refused_in_one_line_before_any_work(monk
     monkeypatch.setattr(run, "prepare_outputs", no_notebook)
     assert run.main(["distill", "--profile", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: distill.tiny.processes") and str(have) in err[0]
+    assert len(err) == 1 and err[0].startswith("error: distill.processes (profile tiny)") and str(have) in err[0]

@@ -8,10 +8,11 @@ A scratch copy of the repository gets fake user data laid out the way a paper us
   embeddings file `prior.paper.sd3_embeddings` names;
 - HAC++ stand-ins for the eval scene at two rates: test-view PNGs (blurred ground truth) and a
   `bitstreams/` folder whose size is the rate.
-Its params.yaml keeps the paper sub-sections' keys and paper-only behaviours (colmap source, sd3
+Its conf/profile/paper.yaml keeps the paper profile's keys and paper-only behaviours (colmap source, sd3
 prior source, n_max as a fraction, SH degrees per level, LPIPS/DISTS in the benchmark, bf16,
-show_paper) with sizes from the tiny sub-sections, and the pipeline runs the way the README tells a
-paper user: `python -m nifi_utils.run prior` once (the stage is frozen), then `dvc exp run -S profile=paper`.
+show_paper) with sizes from the tiny profile, and the pipeline runs the way the README tells a paper user:
+`python -m nifi_utils.run prior` once (the stage is frozen), then `dvc exp run -S profile=paper` (DVC composes
+params.yaml from conf/).
 """
 import json
 import os
@@ -27,7 +28,7 @@ import yaml
 from PIL import Image, ImageFilter
 
 from nifi_utils.common import REPO_ROOT
-from nifi_utils.params import load_yaml
+from nifi_utils.params import compose_params
 
 W, H, N_VIEWS = 48, 32, 16  # 16 views: test views 0 and 8 (idx % 8 == 0)
 HACPP_RATES = {"lambda0.5": [1500, 700], "lambda1.0": [900, 300, 200]}  # bitstream file sizes per rate
@@ -143,15 +144,13 @@ def _make_user_data(user: Path, background) -> dict:
     return paths
 
 
-def _paper_params(params: dict, user: dict) -> dict:
-    """The paper sub-sections, same keys: paths to the fake data, sizes from the tiny sub-sections."""
+def _paper_params(paper: dict, tiny: dict, user: dict) -> dict:
+    """The paper profile's sections, same keys: paths to the fake data, sizes from the tiny profile."""
     from nifi_utils.metrics import metric_available
 
-    p = {s: dict(params[s]["paper"]) for s in ("scenes", "synthesis", "prior", "distill", "refine", "benchmark", "plots",
-                                               "viewer")}
-    tiny = {s: params[s]["tiny"] for s in p}
+    p = {s: dict(paper[s]) for s in ("scenes", "synthesis", "prior", "distill", "refine", "benchmark", "plots", "viewer")}
     p["scenes"].update(datasets=user["datasets"])
-    p["synthesis"].update({k: tiny["synthesis"][k] for k in ("c_min", "workers")}, finetune_steps=5,
+    p["synthesis"].update({k: tiny["synthesis"][k] for k in ("c_min", "processes")}, finetune_steps=5,
                           external_codecs=user["external_codecs"])  # n_max stays the paper's fraction (0.85)
     p["prior"].update(sd3_dir=user["sd3_dir"], sd3_embeddings=user["sd3_embeddings"])
     p["distill"].update({k: tiny["distill"][k] for k in ("rank", "critic_rank", "batch", "eval_views")},
@@ -181,8 +180,8 @@ def _run_paper_profile(tmp_path: Path, device: str) -> None:
     work = tmp_path / "lab"
     _copy_repo(work)
     env = _env(device)
-    params = load_yaml(work / "params.yaml")  # as DVC reads it (YAML 1.2: 5e-06 is a float)
-    paper = {s: params[s]["paper"] for s in params if isinstance(params[s], dict) and "paper" in params[s]}
+    # conf/ composed as `dvc exp run -S profile=...` composes params.yaml, read as DVC reads it (5e-06 is a float)
+    paper, tiny = compose_params("paper"), compose_params("tiny")
     # the paper-only behaviours this test keeps
     assert paper["scenes"]["source"] == "colmap" and paper["prior"]["source"] == "sd3"
     assert {"lpips_alex", "lpips_vgg", "dists"} <= set(paper["benchmark"]["metrics"])
@@ -190,10 +189,11 @@ def _run_paper_profile(tmp_path: Path, device: str) -> None:
     assert paper["plots"]["show_paper"] and paper["plots"]["paper_dataset"]
     assert isinstance(paper["synthesis"]["n_max"], float) and isinstance(paper["distill"]["lr_g"], float)
     user = _make_user_data(tmp_path / "user", paper["synthesis"]["background"])
-    for stage, sub in _paper_params(params, user).items():
-        assert set(sub) == set(params[stage]["paper"]), stage
-        params[stage]["paper"] = paper[stage] = sub
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage, sub in _paper_params(paper, tiny, user).items():
+        assert set(sub) == set(paper[stage]), stage
+        paper[stage] = sub
+    # the scratch copy's paper profile: whole sections (an override file may set every key of a stage)
+    (work / "conf" / "profile" / "paper.yaml").write_text("# @package _global_\n" + yaml.safe_dump(paper, sort_keys=False))
 
     def run(*cmd):
         r = subprocess.run(list(cmd), cwd=work, env=env, capture_output=True, text=True, timeout=1800)

@@ -1,4 +1,6 @@
-"""The lab's machinery: params/notebook agreement, install pins, the runner, DVC."""
+"""The lab's machinery: conf/ and params.yaml, params/notebook agreement, install pins, the runner, DVC."""
+import ast
+import configparser
 import json
 import os
 import re
@@ -13,51 +15,141 @@ import pytest
 import yaml
 
 from nifi_utils.common import REPO_ROOT, NifiError
-from nifi_utils.params import PROFILES, load_params, stage_params, stage_spec
+from nifi_utils.params import (CONF_DIR, CONF_NAME, PROFILES, compose_params, compose_yaml, load_params, stage_params,
+                               stage_spec)
 
-PARAMS = load_params()
+CONF = REPO_ROOT / CONF_DIR
 DVC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
 STAGES = list(DVC["stages"])
 
 
 def _parameters_cell(nb_path):
+    """(name -> literal of the notebook's parameters cell, the names its later code cells read)."""
     nb = jupytext.read(nb_path)
-    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(cells) == 1, f"{nb_path} must have exactly one parameters cell"
+    at = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(at) == 1, f"{nb_path} must have exactly one parameters cell"
     names = {}
-    for line in cells[0].source.splitlines():
+    for line in nb.cells[at[0]].source.splitlines():
         m = re.match(r"^([A-Za-z_]\w*)\s*=\s*(.+)$", line)
         if m:
             names[m.group(1)] = eval(m.group(2), {})  # literals only: eval fails on anything else
-    return names
+    read = {n.id for c in nb.cells[at[0] + 1:] if c.cell_type == "code" for n in ast.walk(ast.parse(c.source))
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return names, read
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_notebook_parameters_match_params_yaml(stage):
+def test_every_key_of_every_profile_is_read_and_every_key_read_is_there(stage):
+    """The stage's notebook declares (parameters cell) and reads (later cells) exactly the keys conf/ composes for
+    each profile, plus profile and seed."""
     spec = stage_spec(stage)
-    cell = _parameters_cell(spec.notebook)
+    cell, read = _parameters_cell(spec.notebook)
     for profile in PROFILES:
         keys = set(stage_params(stage, profile))
-        assert set(cell) == keys, f"{spec.notebook.name} vs params.yaml {stage}.{profile}: {set(cell) ^ keys}"
+        assert set(cell) == keys, f"{spec.notebook.name} vs conf/ {stage} (profile {profile}): {set(cell) ^ keys}"
+    assert not set(cell) - read, f"{spec.notebook.name} never reads {sorted(set(cell) - read)}"
     # the defaults of the parameters cell are the tiny profile
     tiny = stage_params(stage, "tiny")
     assert {k: v for k, v in cell.items() if k != "profile"} == {k: v for k, v in tiny.items() if k != "profile"}
     assert cell["profile"] == "tiny"
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_keys_the_library_reads_are_in_every_profile(profile):
+    """Beyond the notebooks: the config classes built from a section (prior_gpu, the screening and scaling
+    benchmarks, decompress --refine) and the runner's check of `processes` find their keys."""
+    from dataclasses import fields
+
+    from nifi_utils.distill import DistillConfig
+    from nifi_utils.prior import PriorConfig
+    from nifi_utils.refine import RefineConfig
+
+    assert {f.name for f in fields(PriorConfig)} <= set(stage_params("prior", profile))
+    assert {f.name for f in fields(DistillConfig)} <= set(stage_params("distill", profile))
+    RefineConfig.from_params(stage_params("refine", profile)["config"])  # an unknown field raises
+    for stage in ("synthesis", "distill"):  # ranks through accelerate launch
+        assert isinstance(stage_params(stage, profile)["processes"], int)
+
+
+def _stage_files():
+    return {s: CONF / f"{s}.yaml" for s in STAGES}
+
+
+def test_conf_has_one_file_per_stage_and_one_override_file_per_profile():
+    config = yaml.safe_load((CONF / f"{CONF_NAME}.yaml").read_text())
+    assert config["defaults"] == ["_self_", *STAGES, {"profile": "cpu"}]
+    assert all(f.is_file() for f in _stage_files().values())
+    assert {f.stem for f in (CONF / "profile").glob("*.yaml")} == set(PROFILES)
+    cpu = compose_params("cpu")
+    for profile in PROFILES:
+        text = (CONF / "profile" / f"{profile}.yaml").read_text()
+        assert text.startswith("# @package _global_\n")  # the profile file sets top-level keys, `profile` among them
+        composed = compose_params(profile)
+        assert composed["profile"] == profile
+        # an override file only overrides: the same stages and keys as the cpu defaults ...
+        assert list(composed) == list(cpu)
+        for stage in STAGES:
+            assert set(composed[stage]) == set(cpu[stage]), f"{profile}: {stage} {set(composed[stage]) ^ set(cpu[stage])}"
+        # ... and holds only what differs from them
+        own = yaml.safe_load(text)
+        assert own.pop("profile") == profile
+        for stage, section in own.items():
+            for key in section:
+                assert composed[stage][key] != cpu[stage][key], f"conf/profile/{profile}.yaml repeats {stage}.{key}"
+
+
 @pytest.mark.parametrize("stage", STAGES)
-def test_every_param_key_has_a_comment(stage):
-    lines = (REPO_ROOT / "params.yaml").read_text().splitlines()
-    inside = False
-    for i, line in enumerate(lines):
-        if re.match(rf"^{stage}:", line):
-            inside = True
+def test_every_key_has_one_comment_in_its_stage_file(stage):
+    """conf/<stage>.yaml: the stage's keys in order, each with its comment (on its line or the lines above it); the
+    profile files do not say it again."""
+    lines = _stage_files()[stage].read_text().splitlines()
+    comments, above = {}, []
+    for line in lines:
+        if line.lstrip().startswith("#"):
+            above.append(line.strip().lstrip("#").strip())
             continue
-        if inside and re.match(r"^\S", line):
-            break
-        m = re.match(r"^    (\w+):", line) if inside else None
+        m = re.match(r"^  (\w+): [^#]*?(?:\s+#\s*(.*))?$", line)
         if m:
-            assert lines[i - 1].strip().startswith("#"), f"params.yaml {stage}: key {m.group(1)!r} (line {i + 1}) has no comment"
+            comments[m.group(1)] = " ".join(above + [m.group(2)] if m.group(2) else above)
+        above = []
+    assert list(comments) == list(compose_params("cpu")[stage]), f"conf/{stage}.yaml: keys out of order or nested"
+    for key, text in comments.items():
+        assert text, f"conf/{stage}.yaml: {key!r} has no comment"
+    profile_files = {f.name: f.read_text() for f in (CONF / "profile").glob("*.yaml")}
+    for key, text in comments.items():
+        for name, profile_text in profile_files.items():
+            assert text[:40] not in profile_text, f"conf/profile/{name} repeats the comment of {stage}.{key}"
+
+
+def test_committed_params_yaml_is_the_cpu_composition_of_conf():
+    """`dvc repro` (and `make repro`) read the committed params.yaml: it must be what `dvc exp run` composes from conf/
+    for the default profile, byte for byte (`python -m nifi_utils.params` rewrites it)."""
+    assert (REPO_ROOT / "params.yaml").read_text() == compose_yaml(), \
+        "params.yaml is not conf/ composed: run `python -m nifi_utils.params`"
+    assert load_params()["profile"] == "cpu"
+    dvc_config = configparser.ConfigParser()
+    dvc_config.read(REPO_ROOT / ".dvc" / "config")
+    hydra = dict(dvc_config["hydra"]) if dvc_config.has_section("hydra") else {}
+    assert hydra.get("enabled") == "true", ".dvc/config: `dvc config hydra.enabled true`"
+    assert hydra.get("config_dir", CONF_DIR) == CONF_DIR and hydra.get("config_name", CONF_NAME) == CONF_NAME
+
+
+def test_overrides_compose_like_dvc_exp_run_set_param(tmp_path):
+    """`-S distill.t0=99` sets one key of the default profile; `-S profile=tiny` takes the tiny file; paths that
+    name the profile follow it; DVC's own composition (dvc.utils.hydra) writes the same text."""
+    from dvc.utils.hydra import compose_and_dump
+
+    p = compose_params(None, ["distill.t0=99"])
+    assert p["distill"]["t0"] == 99 and p["profile"] == "cpu" and p["benchmark"]["t0"] == compose_params()["benchmark"]["t0"]
+    tiny = compose_params("tiny", ["distill.t0=99"])
+    assert tiny["profile"] == "tiny" and tiny["distill"]["t0"] == 99 and tiny["distill"]["base_model"] == "data/tiny/prior"
+    with pytest.raises(NifiError, match="does not compose"):
+        compose_params(None, ["distill.no_such_key=1"])
+    out = tmp_path / "params.yaml"
+    for overrides in ([], ["profile=paper"], ["profile=tiny", "distill.t0=99"]):
+        compose_and_dump(out, str(CONF), None, CONF_NAME, str(REPO_ROOT), overrides)
+        profile = next((o.split("=")[1] for o in overrides if o.startswith("profile=")), None)
+        assert out.read_text() == compose_yaml(profile, [o for o in overrides if not o.startswith("profile=")])
 
 
 def test_dvc_stages_use_the_profile_in_every_output():
@@ -66,7 +158,7 @@ def test_dvc_stages_use_the_profile_in_every_output():
         for o in st["outs"]:
             o = next(iter(o)) if isinstance(o, dict) else o
             assert "${profile}" in o, f"stage {name}: output {o} is not per profile"
-        assert "profile" in st["params"] and f"{name}.${{profile}}" in st["params"]
+        assert st["params"] == ["profile", "seed", name]
 
 
 def test_notebooks_are_paired_and_have_no_outputs():
@@ -229,7 +321,12 @@ def test_dvc_profile_switch_and_noop_second_repro(tmp_path):
     r = run("dvc", "exp", "run", "-S", "profile=tiny")
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
     assert (work / "data/tiny/scenes").is_dir() and not (work / "data/cpu/scenes").exists()
-    assert "profile: tiny" in (work / "params.yaml").read_text()
+    assert (work / "params.yaml").read_text() == compose_yaml("tiny")  # DVC composed conf/ for the profile
+    # one key (`-S distill.t0=99` in the README): composed over the profile, only the stage that reads it reruns
+    r = run("dvc", "exp", "run", "-S", "profile=tiny", "-S", "plots.grid_crop=12")
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    assert re.findall(r"Running stage '(\w+)'", r.stdout) == ["plots"], r.stdout[-1500:]
+    assert (work / "params.yaml").read_text() == compose_yaml("tiny", ["plots.grid_crop=12"])
     r = run("dvc", "repro")
     assert r.returncode == 0 and "Running stage" not in r.stdout, r.stdout[-1500:]
     r = run("dvc", "status")
