@@ -21,9 +21,9 @@
 # (`point_cloud.ply`, `transforms.json`, `images/*.png`), `reports/<profile>/scenes.json`,
 # `reports/<profile>/figures/scenes_contact_sheet.png`.
 #
-# **Runtime.** `tiny` ~10-15 s · `cpu` 217 s measured on 2 cores with the scenes one after another (2 torch
-# threads); with `workers: 2` one run took 275 s on a machine busy with other jobs, not a clean timing (the
-# cell below prints this run's time) · `paper`: copying the datasets.
+# **Runtime.** `tiny` ~10-15 s · `cpu` 76 s on 2 idle cores with `workers: 2` (cold `make repro`; the
+# compositor was 84 % of it before it learnt to skip the pairs that do not contribute: 175 s; the cell below
+# prints this run's time) · `paper`: copying the datasets.
 
 # %% tags=["parameters"]
 profile = "tiny"

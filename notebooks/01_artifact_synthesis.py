@@ -22,8 +22,8 @@
 # (`clean/`, `level<l>/`), `data/<profile>/renders/<scene>/` (`gt/`, `uncompressed/`, `level<l>/`,
 # external codecs), `reports/<profile>/synthesis.json`, `reports/<profile>/figures/artifacts_per_rate.png`.
 #
-# **Runtime.** `tiny` ~10 s · `cpu` ~8 min on 2 cores (2 worker processes; 503 s measured for 11
-# scenes; the last cell prints this run's time) · `paper`: per scene, minutes on a GPU; `processes` = the GPUs (one rank
+# **Runtime.** `tiny` ~10 s · `cpu` 349 s on 2 idle cores (14 scenes on 2 ranks; QAT fine-tuning through
+# the CPU rasterizer dominates; the last cell prints this run's time) · `paper`: per scene, minutes on a GPU; `processes` = the GPUs (one rank
 # each through `accelerate launch`).
 
 # %% tags=["parameters"]

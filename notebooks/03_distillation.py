@@ -23,9 +23,9 @@
 # `reports/<profile>/distill.json`, `reports/<profile>/distill_curves.csv` (DVC plots),
 # `reports/<profile>/figures/distill_examples.png`.
 #
-# **Runtime.** `tiny` ~30 s (of which ~10 s starting worker processes when `workers: 2`) · `cpu` 14.8 min on
-# 2 cores with the variants one after another (345 + 350 + 181 s, 2 torch threads); with `workers: 2` two variants
-# train side by side (one thread each), not yet timed on the full stage (the last cell prints this run's time) ·
+# **Runtime.** `tiny` ~30 s (of which ~10 s starting worker processes when `workers: 2`) · `cpu` 672 s on
+# 2 idle cores with `workers: 3` (the three variants share the two cores, one thread each; 864 s with 2 workers,
+# one of which idled while the last variant trained alone; the last cell prints this run's time) ·
 # `paper`: SD3-medium, 60k steps, batch 4, ~2 days on one H200 (GPU only).
 
 # %% tags=["parameters"]

@@ -25,7 +25,7 @@
 # `reports/<p>/figures/refine_views.png`. The benchmark (notebook 04) renders the refined scenes at the
 # test cameras (`nifi_3d`) and restores those renders once more per frame (`nifi_3d_plus`).
 #
-# **Runtime.** `tiny` seconds · `cpu` ~5 min on 2 cores (two worker processes, one thread each) ·
+# **Runtime.** `tiny` seconds · `cpu` 161 s on 2 idle cores (two worker processes, one thread each) ·
 # `paper`: minutes per scene on a GPU (gsplat).
 
 # %% tags=["parameters"]

@@ -22,8 +22,8 @@
 # `reports/<p>/metrics.json` (DVC metrics: means per method and rate, provenance),
 # `data/<p>/benchmark/<method>/<scene>/<rate>/<view>.png` (restored images), `reports/<p>/figures/consistency.png`.
 #
-# **Runtime.** `tiny` ~30 s · `cpu` ~3 min on 2 cores (BM3D and ST-LPIPS-VGG dominate; the last cell
-# prints this run's time) · `paper`: minutes per scene on a GPU.
+# **Runtime.** `tiny` ~30 s · `cpu` 233 s on 2 idle cores (BM3D, ~100 s on two processes, and the restorers'
+# one-image timings dominate; the last cell prints this run's time) · `paper`: minutes per scene on a GPU.
 
 # %% tags=["parameters"]
 profile = "tiny"
