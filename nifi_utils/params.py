@@ -153,8 +153,8 @@ def main(argv=None) -> int:
         return 2
     path = repo_path("params.yaml")
     path.write_text(text, encoding="utf-8")
-    print(f"wrote {path.name}: profile {yaml.load(text, Loader=_Loader)['profile']}"
-          + (f", {' '.join(args.overrides)}" if args.overrides else ""))
+    with_ = f" with {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"wrote {path.name}: conf/ composed{with_} (profile {yaml.load(text, Loader=_Loader)['profile']})")
     return 0
 
 

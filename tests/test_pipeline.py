@@ -152,6 +152,16 @@ def test_overrides_compose_like_dvc_exp_run_set_param(tmp_path):
         assert out.read_text() == compose_yaml(profile, [o for o in overrides if not o.startswith("profile=")])
 
 
+def test_params_command_writes_what_dvc_exp_run_writes(tmp_path, monkeypatch, capsys):
+    import nifi_utils.params as P
+
+    real = P.repo_path
+    monkeypatch.setattr(P, "repo_path", lambda *parts: tmp_path / "params.yaml" if parts == ("params.yaml",) else real(*parts))
+    assert P.main(["profile=tiny", "distill.t0=99"]) == 0
+    assert (tmp_path / "params.yaml").read_text() == compose_yaml("tiny", ["distill.t0=99"])
+    assert P.main(["profile=nope"]) == 2 and "profile/nope" in capsys.readouterr().err
+
+
 def test_dvc_stages_use_the_profile_in_every_output():
     for name, st in DVC["stages"].items():
         assert st["cmd"].startswith("python -m nifi_utils.run " + name)
