@@ -6,6 +6,7 @@ ImageNet backbones, which exist only where a user has them (see `lpips_available
 """
 from __future__ import annotations
 
+import collections
 import functools
 import sys
 import types
@@ -94,7 +95,7 @@ def stlpips(pred, gt, net: str = "alex") -> torch.Tensor:
     return val.reshape(-1)
 
 
-_REF_CACHE = None  # OrderedDict: key -> normalised features, oldest first
+_REF_CACHE: "collections.OrderedDict[tuple, list[torch.Tensor]]" = collections.OrderedDict()  # oldest first
 REF_CACHE_BYTES = 128 * 2**20
 
 
@@ -103,12 +104,8 @@ def _reference_features(model, net: str, g: torch.Tensor) -> list[torch.Tensor]:
     REF_CACHE_BYTES (a batch larger than that is computed and not kept). The key is the images' bytes (a
     digest), shape, dtype, device and network, so changed images are never served stale features. Written by
     hand because the ST-LPIPS package computes both halves in every call."""
-    import collections
     import hashlib
 
-    global _REF_CACHE
-    if _REF_CACHE is None:
-        _REF_CACHE = collections.OrderedDict()
     gc = g.detach().contiguous()
     key = (net, str(gc.device), tuple(gc.shape), str(gc.dtype),
            hashlib.blake2b(gc.cpu().numpy().tobytes(), digest_size=16).hexdigest())

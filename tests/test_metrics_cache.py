@@ -1,5 +1,7 @@
 """ST-LPIPS with the ground truth's features kept between calls (metrics._reference_features) gives the
 package's own forward, and changed reference images are never served stale features."""
+import collections
+
 import pytest
 import torch
 
@@ -42,6 +44,6 @@ def test_gradient_reaches_the_prediction_through_the_cached_path():
 
 def test_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(metrics, "REF_CACHE_BYTES", 1)  # nothing fits: computed, never kept
-    monkeypatch.setattr(metrics, "_REF_CACHE", None)
+    monkeypatch.setattr(metrics, "_REF_CACHE", collections.OrderedDict())
     metrics.stlpips(_imgs(6), _imgs(7))
     assert len(metrics._REF_CACHE) == 0
