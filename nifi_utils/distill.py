@@ -11,10 +11,13 @@ range (TSD-SR: 50..949), one noise eps for both latents, CFG on both scores:
     L_critic = |v_phi+(x^_t', t') - (eps' - sg(x^))|^2        (paper Eq. 8, flow form; "x0": TSD-SR's)
 
 Updates alternate every step (generator, then critic). HF `accelerate` runs it on one CPU, one GPU
-or N processes (`accelerate launch`, DDP over phi- and phi+: gloo on CPU, NCCL on GPU): each rank draws its own
-batches and noise from a rank-seeded stream, DDP averages the LoRA gradients, and only the main process
-evaluates and exports. Checkpoints hold LoRA weights, optimizers, the step and every rank's RNG, so an
-interrupted run resumes into the same trajectory on the same number of processes.
+or N processes (`accelerate launch`, DDP over phi- and phi+: gloo on CPU, NCCL on GPU). `batch` is the global
+batch, pairs per optimizer step over all ranks: every rank draws the whole batch, its crops and its noise from one
+stream seeded by `seed` alone and computes on its share (rank r: pairs [r b/N, (r+1) b/N)), DDP averages the LoRA
+gradients, so N ranks follow one process's trajectory up to float rounding and the number of processes is a
+resource, not a hyperparameter. Only the main process evaluates and exports. Checkpoints hold LoRA weights,
+optimizers, the step and the stream, so an interrupted run resumes into the same trajectory on any number of
+processes.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import NifiError, progress
+from .launch import batch_share
 from .restorer import CRITIC_LORA_TARGETS, Restorer
 
 
@@ -155,7 +159,6 @@ def lattice_l2(diff: torch.Tensor, period: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the trainer
-RANK_SEED_STRIDE = 1_000_003  # rank r draws from seed + r * stride: streams of neighbouring seeds never coincide
 
 
 class _GeneratorForward(torch.nn.Module):
@@ -168,10 +171,11 @@ class _GeneratorForward(torch.nn.Module):
         self.transformer, self.vae = r.transformer, r.vae
         self._restorer = [r]  # not a sub-module: its models are registered above
 
-    def forward(self, lq: torch.Tensor, gen: torch.Generator, sample: bool, t0):
+    def forward(self, lq: torch.Tensor, randn, sample: bool, t0):
+        """`randn(shape)`: this rank's share of the global batch's standard normal noise (`Distiller._randn`)."""
         r = self._restorer[0]
-        x_lq = r.encode(lq, gen, sample=sample)
-        noise0 = torch.randn(x_lq.shape, generator=gen).to(x_lq)
+        x_lq = r.encode(lq, sample=sample, randn=randn)
+        noise0 = randn(x_lq.shape).to(x_lq)
         return r.one_step(x_lq, t0, noise=noise0)
 
 
@@ -209,7 +213,9 @@ class Distiller:
         self.perc = perceptual_fn(cfg.perceptual, self.acc.device) if cfg.perceptual_weight > 0 else None
         # the latent grid in pixels: the VAE's downsampling times the transformer's patch
         self.lattice_period = r.vae_scale_factor * self.acc.unwrap_model(r.transformer).config.patch_size
-        self.gen = torch.Generator().manual_seed(cfg.seed + RANK_SEED_STRIDE * self.acc.process_index)
+        # one stream on every rank (seeded by `seed` alone): each draws the global batch's numbers and keeps its share
+        self.share = batch_share(cfg.batch, self.acc.num_processes, self.acc.process_index, "distill.batch")
+        self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
         ts = r.scheduler.timesteps.float()
@@ -226,31 +232,28 @@ class Distiller:
         self.history = json.loads(sd["history"])
         torch.set_rng_state(sd["torch"])
 
-    @staticmethod
-    def _state_file(rank: int) -> str:
-        return "distiller_state.pt" if rank == 0 else f"distiller_state_rank{rank}.pt"
-
     def save_checkpoint(self, folder: str | Path):
-        """Every rank saves its step, RNG streams and history; the main process the LoRA weights and optimizers
-        (identical on every rank after DDP's averaged updates). A collective: call it on every rank."""
+        """The main process saves the step, the stream, the history, the LoRA weights and the optimizers (all the
+        same on every rank: one stream, DDP's averaged updates). A collective: call it on every rank."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state_dict(), folder / self._state_file(self.acc.process_index))
         if self.acc.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self.state_dict(), folder / "distiller_state.pt")
             torch.save({"opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
                         "gen_lora": [p.detach().cpu() for p in self.gen_params],
                         "crit_lora": [p.detach().cpu() for p in self.crit_params],
-                        "processes": self.acc.num_processes}, folder / "training_state.pt")
+                        "processes": self.acc.num_processes, "streams": "global-batch"},
+                       folder / "training_state.pt")
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, folder: str | Path):
+        """Resume from `folder` on any number of processes (the stream and the global batch do not depend on it)."""
         folder = Path(folder)
         st = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-        saved = int(st.get("processes", 1))  # checkpoints from before multi-process training: one process
-        if saved != self.acc.num_processes:
-            raise NifiError(f"checkpoint {folder} was written by {saved} process(es) and this run has "
-                            f"{self.acc.num_processes}: every rank draws its own batches, so only {saved} can resume "
-                            f"it (or delete the folder to start over)")
+        saved = int(st.get("processes", 1))
+        if saved > 1 and st.get("streams") != "global-batch":
+            raise NifiError(f"checkpoint {folder} was written by {saved} processes with per-rank streams (before the "
+                            f"global batch): it cannot continue its trajectory; delete the folder to start over")
         with torch.no_grad():
             for p, v in zip(self.gen_params, st["gen_lora"]):
                 p.copy_(v)
@@ -258,13 +261,21 @@ class Distiller:
                 p.copy_(v)
         self.opt_g.load_state_dict(st["opt_g"])
         self.opt_c.load_state_dict(st["opt_c"])
-        self.load_state_dict(torch.load(folder / self._state_file(self.acc.process_index), map_location="cpu",
-                                        weights_only=True))
+        self.load_state_dict(torch.load(folder / "distiller_state.pt", map_location="cpu", weights_only=True))
 
     # -------------------------------------------------------------- pieces
+    def _randn(self, shape) -> torch.Tensor:
+        """Standard normal noise for this rank's `shape[0]` samples: drawn for the whole global batch from the shared
+        stream, then this rank's rows (with one process, the draw itself)."""
+        n = self.acc.num_processes
+        full = torch.randn((shape[0] * n, *shape[1:]), generator=self.gen, dtype=torch.float32)
+        return full[self.acc.process_index * shape[0]:(self.acc.process_index + 1) * shape[0]]
+
     def _embeds(self, b: int):
         r = self.r
-        drop = (torch.rand(b, generator=self.gen) < self.cfg.prompt_dropout).to(r.prompt_embeds.device)
+        n, i = self.acc.num_processes, self.acc.process_index
+        drop = (torch.rand(b * n, generator=self.gen)[i * b:(i + 1) * b] < self.cfg.prompt_dropout)
+        drop = drop.to(r.prompt_embeds.device)
         pe = torch.where(drop[:, None, None], r.null_embeds, r.prompt_embeds)
         pp = torch.where(drop[:, None], r.null_pooled, r.pooled)
         return pe.expand(b, -1, -1), pp.expand(b, -1)
@@ -303,24 +314,28 @@ class Distiller:
 
     # -------------------------------------------------------------- one training step
     def train_step(self, lq01: torch.Tensor, hq01: torch.Tensor) -> dict:
+        """One step on the global batch `lq01`, `hq01` [cfg.batch,3,h,w] in [0, 1] (every rank passes the same):
+        this rank computes on its share; the logs are the global batch's (the mean over ranks)."""
         cfg, r, dev = self.cfg, self.r, self.acc.device
-        lq, hq = (lq01.to(dev) * 2 - 1), (hq01.to(dev) * 2 - 1)
+        if lq01.shape[0] != cfg.batch:
+            raise NifiError(f"train_step takes the global batch of {cfg.batch} pairs, got {lq01.shape[0]}")
+        lq, hq = (lq01[self.share].to(dev) * 2 - 1), (hq01[self.share].to(dev) * 2 - 1)
         b = lq.shape[0]
         pe, pp = self._embeds(b)
         with torch.no_grad():
             unwrapped_vae = self.acc.unwrap_model(r.vae)
             unwrapped_vae.disable_adapters()  # x = E_base(I): the prior's own latent of the clean image
-            x = r.encode(hq, self.gen, sample=cfg.latent == "sample")
+            x = r.encode(hq, sample=cfg.latent == "sample", randn=self._randn)
             unwrapped_vae.enable_adapters()
         # ---- generator phi-
         with self.acc.accumulate(self.gen_fwd):
-            x_hat = self.gen_fwd(lq, self.gen, cfg.latent == "sample", cfg.t0)
+            x_hat = self.gen_fwd(lq, self._randn, cfg.latent == "sample", cfg.t0)
             logs = {}
             loss = torch.zeros((), device=dev)
             if cfg.tsd_weight > 0:
                 with torch.no_grad():
                     t, s = self._random_t()
-                    eps = torch.randn(x_hat.shape, generator=self.gen).to(x_hat)
+                    eps = self._randn(x_hat.shape).to(x_hat)
                     xh_t = s * eps + (1 - s) * x_hat.detach()
                     x_t = s * eps + (1 - s) * x
                     critic = self.acc.unwrap_model(self.critic)
@@ -357,7 +372,7 @@ class Distiller:
         if cfg.tsd_weight > 0:
             with self.acc.accumulate(self.critic):
                 t, s = self._random_t()
-                eps = torch.randn(x_hat.shape, generator=self.gen).to(x_hat)
+                eps = self._randn(x_hat.shape).to(x_hat)
                 x0 = x_hat.detach()
                 xt = s * eps + (1 - s) * x0
                 v = self._v(self.critic, xt, t, pe, pp)
@@ -379,7 +394,8 @@ class Distiller:
 
     def train(self, pairs: PairSet, steps: int, checkpoint_dir: Path | None = None, evaluate=None, desc="distill"):
         """Run until `self.step == steps` (resumable); `evaluate(self)` every cfg.eval_every steps, on the main
-        process only (the others wait for it at the next step's gradient average). `cfg.batch` pairs per rank."""
+        process only (the others wait for it at the next step's gradient average). `cfg.batch` pairs per step over
+        all ranks, drawn on every rank from the shared stream (`train_step` keeps this rank's share)."""
         for _ in progress(range(self.step, steps), desc=desc, disable=not self.acc.is_main_process):
             lq, hq = pairs.batch(self.cfg.batch, self.cfg.crop, self.gen)
             self.train_step(lq, hq)

@@ -48,6 +48,16 @@ def check_processes(processes: int, what: str = "processes") -> int:
     return n
 
 
+def batch_share(batch: int, ranks: int, rank: int = 0, what: str = "batch") -> slice:
+    """Rank `rank`'s items of a global batch of `batch` split over `ranks` ranks; a UsageError (one line, exit 2)
+    when it does not split evenly (unequal shares would weigh the ranks' averaged gradients unequally)."""
+    if int(batch) % int(ranks):
+        raise UsageError(f"{what} = {batch} (pairs per step over all ranks) does not split over {ranks} processes; "
+                         f"use a multiple of {ranks}")
+    b = int(batch) // int(ranks)
+    return slice(rank * b, (rank + 1) * b)
+
+
 def nodes() -> dict:
     """Multi-node settings from the environment (a cluster script sets them on every node; default one node):
     NIFI_NUM_MACHINES, NIFI_MACHINE_RANK, NIFI_MAIN_PROCESS_IP, NIFI_MAIN_PROCESS_PORT, and NIFI_LAUNCH_DIR, a

@@ -316,13 +316,16 @@ class Restorer:
     def pad_image(self, img: torch.Tensor) -> torch.Tensor:
         return pad_to_multiple(img, self.vae_scale_factor)
 
-    def encode(self, img_pm1: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
+    def encode(self, img_pm1: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True,
+               randn=None):
         """latent = E(pad(img)).sample() * scaling_factor (mean if not `sample`), reflect-padded to the patch
-        size. The posterior noise is drawn from a CPU generator, so it does not depend on the device."""
+        size. The posterior noise is drawn from a CPU generator, so it does not depend on the device; or from
+        `randn(shape)` (training: a rank's share of the global batch's noise)."""
         dist = self.vae.encode(self.pad_image(img_pm1)).latent_dist
         z = dist.mean
         if sample:
-            eps = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z)
+            eps = (randn(z.shape) if randn is not None
+                   else torch.randn(z.shape, generator=generator, dtype=torch.float32)).to(z)
             z = z + dist.std * eps
         z = z * self.scaling_factor
         return pad_to_multiple(z, self.transformer.config.patch_size)

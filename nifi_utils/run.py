@@ -4,8 +4,8 @@ Reads the stage from dvc.yaml and its parameters from params.yaml (conf/ compose
 creates the output folders (DVC deletes outs before running a stage), executes the jupytext py:percent notebook with
 papermill (kernel python3, cwd = repository root, cell output logged, per-cell timeout) and
 writes the executed notebook under reports/<profile>/executed/. A failing cell gives one line
-naming the cell and the error, and exit status 1; a stage's `processes` beyond the GPUs (or cores) here,
-one line and exit status 2 before any work.
+naming the cell and the error, and exit status 1; a stage's `processes` beyond the GPUs (or cores) here, or
+a `distill.batch` that does not split evenly over the ranks, one line and exit status 2 before any work.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .common import REPO_ROOT, NifiError
-from .launch import check_processes, error_exit
+from .launch import batch_share, check_processes, error_exit, nodes
 from .outputs import check_out_dir, check_out_file
 from .params import PROFILES, stage_params, stage_spec
 
@@ -64,7 +64,9 @@ def run_stage(stage: str, profile: str | None = None, timeout: int = 3600, log_o
     spec = stage_spec(stage, profile)
     params = stage_params(stage, profile)
     if "processes" in params:  # the stage launches itself on that many ranks: refuse before anything runs
-        check_processes(params["processes"], f"{stage}.processes (profile {params['profile']})")
+        n = check_processes(params["processes"], f"{stage}.processes (profile {params['profile']})")
+        if stage == "distill":  # `batch` is the global batch: every rank takes an equal share
+            batch_share(params["batch"], n * nodes()["num_machines"], what=f"distill.batch (profile {params['profile']})")
     if not spec.notebook.is_file():
         raise NifiError(f"notebook {spec.notebook} not found")
     prepare_outputs(spec.outs)

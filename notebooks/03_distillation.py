@@ -116,9 +116,11 @@ print({k: round(v, 4) for k, v in compressed_scores.items()}, "(compressed)")
 # lets an interrupted run continue (same config hash) where it stopped. Variants are independent: on CPU
 # they train side by side in `workers` processes (one torch thread each: the small transformer does not
 # scale over threads, two variants do); each seeds itself from `seed`, so results do not depend on `workers`.
-# With `processes` > 1 each variant trains on that many ranks through `accelerate launch` (DDP: every rank draws
-# `batch` pairs from its own rank-seeded stream, the LoRA gradients are averaged; the main process evaluates,
-# checkpoints and exports); a run resumes only on the number of processes that wrote its checkpoint.
+# With `processes` > 1 each variant trains on that many ranks through `accelerate launch` (DDP). `batch` stays the
+# pairs per optimizer step: every rank draws the whole batch and its noise from the one stream `seed` starts and
+# trains on its share (batch / processes pairs), the LoRA gradients are averaged, so the trajectory is one process's
+# up to float rounding; the main process evaluates, checkpoints and exports, and a checkpoint resumes on any number
+# of processes.
 
 # %%
 base_cfg = dict(rank=rank, critic_rank=critic_rank, t0=t0, alpha=alpha, cfg_scale=cfg_scale, tsd_weight=tsd_weight,

@@ -1,9 +1,9 @@
 """Ranks of tests/test_distill_ddp.py, run under `accelerate launch` (torchrun, gloo on CPU):
 
-    python -m ddp_distill_script step OUT      one generator step; rank r restores images [2r, 2r + 2) of four
+    python -m ddp_distill_script step OUT      one step (generator and critic) on the global batch of four pairs
     python -m ddp_distill_script resume OUT CKPT   4 steps straight vs 2 steps, checkpoint, resume to 4
 
-The main process writes what the test compares into OUT (torch.save)."""
+The main process writes what the test compares into OUT (torch.save); the test runs the same on one process."""
 import os
 import sys
 
@@ -13,13 +13,13 @@ from nifi_utils.distill import Distiller, DistillConfig, PairSet
 from nifi_utils.models import tiny_sd3
 from test_distill import _pairs as pairs  # the same four fixed pairs as the single-process tests
 
-# Every term of the generator's loss that draws no random number: no TSD term (its t and noise come from each rank's
-# own stream), t0=None (no noise at t0), the posterior's mean (no sample). Then a rank's loss on its 2 images is the
-# mean of per-image terms of the same size, and the mean over ranks equals the loss of the 4 images as one batch.
-# No clip and plain SGD: the update is the averaged gradient times lr, so a sum (or no average) shows.
-STEP_CFG = dict(rank=4, critic_rank=4, batch=2, crop=32, lr_g=1e-2, lr_c=1e-3, seed=0, t0=None, latent="mean",
-                tsd_weight=0.0, perceptual_weight=0.0, lattice_weight=1.0, grad_clip=0.0, weight_decay=0.0)
-RESUME_CFG = dict(rank=4, critic_rank=4, batch=2, crop=32, lr_g=1e-3, lr_c=1e-3, cfg_scale=2.0, seed=0,
+# Every random draw of a step is on: the TSD term (its timestep, its noise, the critic's), noise at t0, a posterior
+# sample, prompt dropout, random pairs and crops. `batch` is the global batch (2 pairs a rank on 2 ranks). Plain SGD
+# and the gradient clip: the update is the clipped averaged gradient times lr, so a sum over ranks (2x), per-rank
+# gradients or per-rank random numbers would show.
+STEP_CFG = dict(rank=4, critic_rank=4, batch=4, crop=32, lr_g=1e-2, lr_c=1e-2, cfg_scale=2.0, seed=0, latent="sample",
+                prompt_dropout=0.5, perceptual_weight=0.0, lattice_weight=1.0, weight_decay=0.0)
+RESUME_CFG = dict(rank=4, critic_rank=4, batch=4, crop=32, lr_g=1e-3, lr_c=1e-3, cfg_scale=2.0, seed=0,
                   checkpoint_every=2, perceptual_weight=0.0, lattice_weight=1.0)
 
 
@@ -32,16 +32,20 @@ def distiller(**cfg) -> Distiller:
     return Distiller(tiny_sd3(seed=0), DistillConfig(**cfg))
 
 
+def _params(d: Distiller) -> list[torch.Tensor]:
+    return [t.detach().cpu().clone() for t in d.gen_params + d.crit_params]
+
+
 def one_step() -> dict:
-    """One generator step on this rank's share of four fixed pairs (with AdamW already swapped for SGD)."""
+    """One training step (with AdamW already swapped for SGD): the update of phi- and phi+ and this run's shares."""
+    from accelerate.utils import gather_object
+
     d = distiller(**STEP_CFG)
-    before = [p.detach().clone() for p in d.gen_params]
-    p = pairs()
-    r, n = d.acc.process_index, d.acc.num_processes
-    k = len(p.lq) // n
-    d.train_step(p.lq[r * k:(r + 1) * k].float() / 255, p.hq[r * k:(r + 1) * k].float() / 255)
-    return {"update": [(a.detach() - b).cpu() for a, b in zip(d.gen_params, before)], "logs": d.history[-1],
-            "processes": n}
+    before = _params(d)
+    d.train(pairs(), 1)
+    shares = gather_object([(d.share.start, d.share.stop)])
+    return {"update": [a - b for a, b in zip(_params(d), before)], "logs": d.history[-1],
+            "processes": d.acc.num_processes, "shares": shares}
 
 
 def resume(ckpt) -> dict:
@@ -54,9 +58,8 @@ def resume(ckpt) -> dict:
     c.load_checkpoint(ckpt)
     step = c.step
     c.train(p, 4)
-    return {"a": [t.detach().cpu() for t in a.gen_params + a.crit_params],
-            "c": [t.detach().cpu() for t in c.gen_params + c.crit_params],
-            "a_hist": a.history, "c_hist": c.history, "resumed_at": step, "processes": a.acc.num_processes}
+    return {"a": _params(a), "c": _params(c), "a_hist": a.history, "c_hist": c.history, "resumed_at": step,
+            "processes": a.acc.num_processes}
 
 
 class FailOnRank1(PairSet):
