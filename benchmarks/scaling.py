@@ -1,12 +1,15 @@
 """Scaling benchmark: one process with 2 torch threads against 2 ranks with 1 thread each (`accelerate launch`, gloo)
-on the same machine, for distillation (steps/s, and pairs/s: each rank takes `batch` pairs per step) and synthesis
-(scenes/min). Sizes from the profile's `distill` and `synthesis` sections; the inputs are made here, not the
+on the same machine, for distillation (steps/s and pairs/s at the same global batch: 2 ranks take `batch` / 2 pairs
+each) and synthesis (scenes/min). Sizes from the profile's `distill` and `synthesis` sections; the inputs are made here, not the
 stages' (a tiny random prior of the SD3 architecture, procedural pairs and scenes), so it runs without the pipeline.
 Writes benchmarks/results/scaling.json. The committed result: the cpu profile's sizes with the stage's own prior,
+the distillation part re-measured once `batch` became the global batch,
 
     python benchmarks/scaling.py --profile cpu --steps 60 --scenes 2 --base-model data/cpu/prior
+    python benchmarks/scaling.py --profile cpu --steps 120 --base-model data/cpu/prior --only distill
 
     python benchmarks/scaling.py [--profile tiny|cpu] [--steps N] [--scenes N] [--base-model DIR] [--out FILE]
+                                 [--only distill|synthesis]   (re-measure one part, keep the other in FILE)
 """
 from __future__ import annotations
 
@@ -60,8 +63,9 @@ def distill_case(profile: str, steps: int, tmp: Path, processes: int, base_model
     wall = time.time() - t
     train_s = res["result"]["seconds"]  # training loop only (the model load and launch are in `wall`)
     return {"processes": processes, "threads_per_process": 2 if processes == 1 else 1, "steps": steps,
-            "batch_per_rank": cfg.batch, "train_seconds": round(train_s, 2), "wall_seconds": round(wall, 2),
-            "steps_per_s": round(steps / train_s, 3), "pairs_per_s": round(steps * cfg.batch * processes / train_s, 3)}
+            "batch": cfg.batch, "batch_per_rank": cfg.batch // processes, "train_seconds": round(train_s, 2),
+            "wall_seconds": round(wall, 2), "steps_per_s": round(steps / train_s, 3),
+            "pairs_per_s": round(steps * cfg.batch / train_s, 3)}
 
 
 def _no_eval(d, full=False):
@@ -111,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-model", default=None,
                     help="distill from this prior folder (e.g. data/cpu/prior, the stage's own) instead of a tiny random one")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+    ap.add_argument("--only", choices=["distill", "synthesis"], help="measure only this part; the other is kept from --out")
     args = ap.parse_args(argv)
     os.environ.setdefault("NIFI_QUIET", "1")
     # the ranks import this module (as `scaling`) and the package
@@ -119,16 +124,22 @@ def main(argv=None) -> int:
 
     from nifi_utils.common import provenance
 
+    old = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).is_file() else {}
+    now = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="nifi-scaling-") as tmp:
         tmp = Path(tmp)
-        distill = [distill_case(args.profile, args.steps, tmp, n, args.base_model) for n in (1, 2)]
-        synthesis = [synthesis_case(args.profile, args.scenes, tmp, n) for n in (1, 2)]
+        distill = ([distill_case(args.profile, args.steps, tmp, n, args.base_model) for n in (1, 2)]
+                   if args.only != "synthesis" else old.get("distill"))
+        synthesis = ([synthesis_case(args.profile, args.scenes, tmp, n) for n in (1, 2)]
+                     if args.only != "distill" else old.get("synthesis"))
     out = {"what": "1 process x 2 torch threads vs 2 ranks x 1 thread (accelerate launch, gloo) on this machine; "
-                   "distill: steps/s of the training loop (each rank takes batch_per_rank pairs per step, so 2 ranks "
-                   "train on twice the pairs per step), synthesis: scenes/min including the launch",
+                   "distill: steps/s of the training loop at the same global batch (2 ranks take batch_per_rank pairs "
+                   "each), synthesis: scenes/min including the launch",
            "profile": args.profile, "base_model": args.base_model or "tiny random SD3-architecture prior",
            "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
            "distill": distill, "synthesis": synthesis,
+           "measured_utc": {part: now if args.only in (None, part) else old.get("measured_utc", {}).get(part, "earlier")
+                            for part in ("distill", "synthesis")},
            "provenance": provenance(args.profile, 0, torch.device("cpu"))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
