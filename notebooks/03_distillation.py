@@ -114,8 +114,9 @@ print({k: round(v, 4) for k, v in compressed_scores.items()}, "(compressed)")
 # ## Train the variants
 # One `Distiller` per variant from the same prior and seed; a checkpoint every `checkpoint_every` steps
 # lets an interrupted run continue (same config hash) where it stopped. Variants are independent: on CPU
-# they train side by side in `workers` processes (one torch thread each: the small transformer does not
-# scale over threads, two variants do); each seeds itself from `seed`, so results do not depend on `workers`.
+# they train side by side in `workers` processes (one torch thread each: the small transformer gains only 1.2x from
+# a second thread, a second variant uses a core of its own); each seeds itself from `seed`, so results do not
+# depend on `workers`.
 # With `processes` > 1 each variant trains on that many ranks through `accelerate launch` (DDP). `batch` stays the
 # pairs per optimizer step: every rank draws the whole batch and its noise from the one stream `seed` starts and
 # trains on its share (batch / processes pairs), the LoRA gradients are averaged, so the trajectory is one process's
