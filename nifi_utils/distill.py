@@ -522,8 +522,8 @@ def _variant_job(job: dict) -> dict:
 
 def train_variants(jobs: list[dict], workers: int = 1) -> list[dict]:
     """`train_variant(**job)` for every job, over `workers` spawned processes (`workers.process_map`: one torch
-    thread each on CPU: the small transformer gains 1.2x from a second thread, independent variants a core each); results in
-    the order of `jobs`."""
+    thread each on CPU: the small transformer gains 1.2x from a second thread, independent variants a core each);
+    results in the order of `jobs`."""
     from .workers import process_map
 
     return process_map(_variant_job, jobs, workers, names=[j["name"] for j in jobs], what="variant", desc="variants")
