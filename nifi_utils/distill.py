@@ -264,17 +264,18 @@ class Distiller:
         self.load_state_dict(torch.load(folder / "distiller_state.pt", map_location="cpu", weights_only=True))
 
     # -------------------------------------------------------------- pieces
+    def _mine(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of `full`, a draw from the shared stream for the whole global batch (one process: all)."""
+        return full[batch_share(len(full), self.acc.num_processes, self.acc.process_index)]
+
     def _randn(self, shape) -> torch.Tensor:
-        """Standard normal noise for this rank's `shape[0]` samples: drawn for the whole global batch from the shared
-        stream, then this rank's rows (with one process, the draw itself)."""
-        n = self.acc.num_processes
-        full = torch.randn((shape[0] * n, *shape[1:]), generator=self.gen, dtype=torch.float32)
-        return full[self.acc.process_index * shape[0]:(self.acc.process_index + 1) * shape[0]]
+        """Standard normal noise for this rank's `shape[0]` samples, drawn for the whole global batch."""
+        return self._mine(torch.randn((shape[0] * self.acc.num_processes, *shape[1:]), generator=self.gen,
+                                      dtype=torch.float32))
 
     def _embeds(self, b: int):
         r = self.r
-        n, i = self.acc.num_processes, self.acc.process_index
-        drop = (torch.rand(b * n, generator=self.gen)[i * b:(i + 1) * b] < self.cfg.prompt_dropout)
+        drop = self._mine(torch.rand(b * self.acc.num_processes, generator=self.gen)) < self.cfg.prompt_dropout
         drop = drop.to(r.prompt_embeds.device)
         pe = torch.where(drop[:, None, None], r.null_embeds, r.prompt_embeds)
         pp = torch.where(drop[:, None], r.null_pooled, r.pooled)
