@@ -54,20 +54,17 @@ def pairs_digest(root: Path, profile: str) -> str:
     return h.hexdigest()[:16]
 
 
-def per_image(run: dict, variant: str, lq, hq, gt_periodic) -> dict:
-    """Per-image held-out scores of `run`'s `variant` restorer (numpy arrays)."""
-    import torch
-
+def per_image(run: dict, variant: str, held) -> dict:
+    """Per-image held-out scores of `run`'s `variant` restorer (numpy arrays); `held` a `HeldoutEval` of seed 0
+    that restores in each variant's own latent mode, as the distill stage scores it."""
     from nifi_utils.metrics import image_metrics, periodic_artifact
     from nifi_utils.restorer import Restorer
 
     cfg = run["report"]["variants"][variant]["config"]
     r = Restorer.from_pretrained(ROOT / run["report"]["base_model"]).load_lora(run["restorers"][variant])
-    with torch.no_grad():
-        out = torch.cat([r.restore(lq[i:i + 8], t0=cfg["t0"], seed=0, sample=cfg["latent"] == "sample")
-                         for i in range(0, len(lq), 8)])
-    m = image_metrics(out, hq, list(METRICS))
-    m["lattice_excess"] = (periodic_artifact(out) - gt_periodic).numpy()
+    out = held.restore_with(r, cfg["t0"], cfg["latent"])
+    m = image_metrics(out, held.hq, list(METRICS))
+    m["lattice_excess"] = (periodic_artifact(out) - held.gt_periodic).numpy()
     return m
 
 
@@ -105,8 +102,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from nifi_utils.common import NifiError, provenance
-    from nifi_utils.distill import PairSet, heldout_pairs
-    from nifi_utils.metrics import METRIC_BACKENDS, periodic_artifact
+    from nifi_utils.distill import HeldoutEval, PairSet, heldout_pairs
+    from nifi_utils.metrics import METRIC_BACKENDS
     from nifi_utils.params import stage_params
 
     try:
@@ -124,11 +121,11 @@ def main(argv=None) -> int:
         return 2
     data = args.one.resolve() / "data" / args.profile
     pairs = PairSet.from_pairs_dir(data / "pairs")
-    lq, hq, _ = heldout_pairs(data / "renders", sorted({m[0] for m in pairs.meta}),
-                              stage_params("distill", args.profile)["eval_views"])
-    gt_periodic = periodic_artifact(hq)
+    lq, hq, lv = heldout_pairs(data / "renders", sorted({m[0] for m in pairs.meta}),
+                               stage_params("distill", args.profile)["eval_views"])
+    held = HeldoutEval(lq, hq, lv, seed=0, sample=None)
     variants = [v for v in runs["one"]["report"]["variants"] if all(v in r["restorers"] for r in runs.values())]
-    scores = {(n, v): per_image(r, v, lq, hq, gt_periodic) for n, r in runs.items() for v in variants}
+    scores = {(n, v): per_image(r, v, held) for n, r in runs.items() for v in variants}
     out = {"what": "issue 24: the distill stage on N ranks (`two`, distill.processes = N, batch the global batch) "
                    "against one process (`one`), each variant's exported restorer scored on the held-out views; "
                    "differences are N - 1 (paired, 95 % image-bootstrap intervals)",
