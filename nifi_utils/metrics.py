@@ -13,6 +13,7 @@ import types
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .common import NifiError
 
@@ -260,9 +261,59 @@ def periodic_artifact(img, period: int = 8, ring: tuple[int, int] = (2, 5)) -> t
     return torch.log10(torch.stack(ratios, 1)).mean(1).float()
 
 
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None] if x.shape[1] == 3 else x.mean(1, keepdim=True)
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [B,C,H,W] with reflected borders (radius 3 sigma)."""
+    r = max(1, int(3 * sigma + 0.5))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
+    k = (k / k.sum()).to(x.device)
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def flat_mask(gt, quantile: float = 0.3, erode: int = 2) -> torch.Tensor:
+    """[B,1,H,W] bool: where the ground truth is flat, its lowest `quantile` of gradient magnitude (luminance,
+    central differences after a 1-px blur) per image, eroded by `erode` px so a region's edges do not count."""
+    g = _luma(to_bchw(gt).double())
+    g = _blur(g, 1.0)
+    gy = F.pad(g[..., 2:, :] - g[..., :-2, :], (0, 0, 1, 1), mode="replicate")
+    gx = F.pad(g[..., :, 2:] - g[..., :, :-2], (1, 1, 0, 0), mode="replicate")
+    mag = (gx ** 2 + gy ** 2).sqrt().flatten(1)
+    thr = torch.quantile(mag, quantile, dim=1, keepdim=True)
+    m = (mag <= thr).view_as(g).double()
+    if erode:  # erosion = the minimum over a (2 erode + 1)^2 window: 1 - max-pool of the complement
+        m = 1 - F.max_pool2d(1 - m, 2 * erode + 1, stride=1, padding=erode)
+    return m > 0.5
+
+
+def highpass_rms(img, mask: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """RMS per image of the high-pass (image minus its Gaussian blur, luminance) inside `mask` [B,1,H,W]."""
+    x = _luma(to_bchw(img).double())
+    hp = x - _blur(x, sigma)
+    m = mask.to(hp.device).double()
+    return ((hp ** 2 * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp_min(1)).sqrt()
+
+
+def flat_excess(img, gt, quantile: float = 0.3, sigma: float = 1.5) -> torch.Tensor:
+    """Invention score per image (lower is better; ~0 for the ground truth, < 0 for a smoother image): the RMS of
+    the luminance high-pass (detail finer than a `sigma`-px Gaussian) where the ground truth is flat (`flat_mask`),
+    minus the ground truth's own there. Perceptual metrics reward plausible texture whether or not it is in the
+    scene; detail added where the scene has none (ripples, grain, a lattice) is invented, and this measures how much.
+    Written here because no library ships a reference-flat-region texture score."""
+    p, g = _pair(img, gt, "flat_excess")
+    mask = flat_mask(g, quantile)
+    return (highpass_rms(p, mask, sigma) - highpass_rms(g, mask, sigma)).float()
+
+
 METRIC_BACKENDS.update({
     "ssim": "torchmetrics 1.9.0 structural_similarity_index_measure (gaussian 11x11, sigma 1.5, data_range 1)",
     "dists": "torchmetrics 1.9.0 DISTSNetwork, torchvision ImageNet VGG16 (only where its weights are cached)",
+    "flat_excess": "nifi_utils.metrics.flat_excess: RMS of the luminance high-pass (minus a 1.5-px Gaussian blur) where "
+                   "the ground truth is flat (lowest 30 % of its gradient magnitude, eroded 2 px), minus the ground truth's",
     "periodic": "nifi_utils.metrics.periodic_artifact: log10 of luminance power at the 8-px lattice frequencies (3x3 "
                 "windows, Hann-windowed FFT) over what their spectral neighbourhoods predict; no reference image",
 })
