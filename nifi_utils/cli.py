@@ -141,12 +141,13 @@ def _refine(args) -> int:
         over["up"] = list(_background(args.up, "--up"))
     if args.background:
         over["background"] = list(_background(args.background))
-    t0 = None if str(args.t0).lower() in ("none", "null") else float(args.t0)
-    cfg = RefineConfig.from_params({**over, "t0": t0, "seed": args.seed})
     base = repo_path(args.base_model)
     ckpt = repo_path(args.ckpt) if args.ckpt else (repo_path(DEFAULT_CKPT) if args.base_model == DEFAULT_BASE else None)
     if ckpt is None:
         raise NifiError("--refine with another --base-model needs --ckpt (the restorer LoRA distilled from that prior)")
+    use = _restore_settings(ckpt, args.t0, None)  # the checkpoint's own t0 and latent mode unless --t0 says
+    cfg = RefineConfig.from_params({**over, "t0": use["t0"], "latent": "sample" if use["sample"] else "mean",
+                                    "seed": args.seed})
     device = pick_device(args.device)
     t_start = time.time()
     rep = refine_file(args.input, out, base, ckpt, cfg, device=device, desc=Path(args.input).name)
@@ -186,6 +187,28 @@ def cmd_synthesize(args) -> int:
 
 DEFAULT_BASE = "data/cpu/prior"
 DEFAULT_CKPT = "data/cpu/restorer/nifi.pt"
+DEFAULT_REGRESSION = "data/cpu/restorer/regression.pt"
+
+
+def _parse_t0(text):
+    try:
+        t0 = None if str(text).lower() in ("none", "null") else float(text)
+    except ValueError:
+        raise NifiError(f"--t0 must be a number in [0, 1000] or 'none', got {text!r}") from None
+    if t0 is not None and not 0 <= t0 <= 1000:
+        raise NifiError(f"--t0 must be in [0, 1000] or 'none', got {text}")
+    return t0
+
+
+def _restore_settings(ckpt: Path | None, t0_arg, latent_arg) -> dict:
+    """{'t0', 'sample'}: what the checkpoint says it was trained with (its "nifi" entry; the official t0 199 and a
+    posterior sample for a file that does not say), overridden by --t0 / --latent where given."""
+    from .restorer import checkpoint_meta
+
+    meta = checkpoint_meta(ckpt) if ckpt is not None and ckpt.is_file() else {}
+    t0 = _parse_t0(t0_arg) if t0_arg is not None else meta.get("t0", 199)
+    latent = latent_arg or meta.get("latent", "sample")
+    return {"t0": t0, "sample": latent == "sample"}
 
 
 def cmd_restore(args) -> int:
@@ -217,12 +240,13 @@ def cmd_restore(args) -> int:
                         f"({', '.join(IMAGE_SUFFIXES)})")
     if args.dtype not in DTYPES:
         raise NifiError(f"--dtype must be one of {sorted(set(DTYPES))}, got {args.dtype!r}")
-    t0 = None if str(args.t0).lower() in ("none", "null") else float(args.t0)
-    if t0 is not None and not 0 <= t0 <= 1000:
-        raise NifiError(f"--t0 must be in [0, 1000] or 'none', got {args.t0}")
+    if args.t0 is not None:
+        _parse_t0(args.t0)
     if args.tile is not None and args.tile < 2:
         raise NifiError(f"--tile is a latent tile size in pixels (>= 2), got {args.tile}")
     device = pick_device(args.device)
+    if args.method == "regression":
+        return _restore_regression(args, inputs, targets, device)
     base = repo_path(args.base_model)
     r = Restorer.from_pretrained(base, args.embeddings, device=device, dtype=DTYPES[args.dtype])
     no_lora = args.ckpt is not None and args.ckpt.lower() == "none"  # before repo_path makes it <repo>/none
@@ -235,15 +259,39 @@ def cmd_restore(args) -> int:
                             f"--ckpt FILE; --ckpt none runs the prior without LoRA)")
         r.load_lora(ckpt)
     r.to(device, DTYPES[args.dtype])
+    use = _restore_settings(ckpt, args.t0, args.latent)
     images = [read_image(p) for p in inputs]  # validate every input before writing anything
     t_start = time.time()
     with staged() as st:  # every image appears at the end, or none (a failure half way leaves no partial set)
         for (img, info), dst in zip(images, targets):
             with torch.no_grad():
-                res = r.restore(img, t0=t0, seed=args.seed, tile=args.tile)
+                res = r.restore(img, t0=use["t0"], seed=args.seed, tile=args.tile, sample=use["sample"])
             st.write(dst, lambda tmp, res=res, info=info: write_image(tmp, res, info))
     print(f"restored {len(images)} image(s) -> {targets[0] if len(targets) == 1 else out} "
-          f"({(time.time() - t_start) / len(images) * 1000:.0f} ms/image, {device}, {args.dtype})")
+          f"({(time.time() - t_start) / len(images) * 1000:.0f} ms/image, {device}, {args.dtype}, t0 {use['t0']}, "
+          f"latent {'sample' if use['sample'] else 'mean'})")
+    return 0
+
+
+def _restore_regression(args, inputs: list, targets: list, device) -> int:
+    """`restore --method regression`: the regression baseline the distill stage trains (no prior needed)."""
+    import time
+
+    from .common import repo_path
+    from .regression import load_regression
+    from .restorer import read_image, write_image
+
+    if args.t0 is not None or args.latent is not None or args.tile is not None:
+        raise NifiError("--t0, --latent and --tile are settings of the diffusion restorer, not of --method regression")
+    model = load_regression(repo_path(args.ckpt or DEFAULT_REGRESSION), device)
+    images = [read_image(p) for p in inputs]
+    t_start = time.time()
+    with staged() as st:
+        for (img, info), dst in zip(images, targets):
+            res = model.restore(img)
+            st.write(dst, lambda tmp, res=res, info=info: write_image(tmp, res, info))
+    print(f"restored {len(images)} image(s) with the regression baseline -> {targets[0] if len(targets) == 1 else args.out} "
+          f"({(time.time() - t_start) / len(images) * 1000:.0f} ms/image, {device})")
     return 0
 
 
@@ -295,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, help="with --refine: render-restore-fit rounds (default: the profile's)")
     d.add_argument("--up", help="with --refine: the scene's up axis x,y,z (default: estimated from the Gaussians)")
     d.add_argument("--background", help="with --refine: background colour r,g,b in [0,1] (default: the profile's)")
-    d.add_argument("--t0", default="199", help="with --refine: the restorer's start timestep (default 199; 'none': w/o t0)")
+    d.add_argument("--t0", help="with --refine: the restorer's start timestep (default: the checkpoint's; 'none': w/o t0)")
     d.add_argument("--seed", type=int, default=0, help="with --refine: seed")
     d.add_argument("--device", default="auto", help="with --refine: auto, cpu or cuda")
     d.set_defaults(fn=cmd_decompress)
@@ -312,10 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--out", required=True, help="output image (or folder)")
     rs.add_argument("--base-model", default=DEFAULT_BASE,
                     help=f"prior folder in SD3's diffusers layout (default {DEFAULT_BASE}; or an SD3-medium folder)")
+    rs.add_argument("--method", choices=["nifi", "regression"], default="nifi",
+                    help="nifi (the one-step diffusion restorer, default) or regression (the baseline U-Net)")
     rs.add_argument("--ckpt", help=f"restorer LoRA checkpoint {{'vae','transformer'}} (default with the default "
-                                   f"base: {DEFAULT_CKPT}; 'none' = no LoRA)")
+                                   f"base: {DEFAULT_CKPT}; 'none' = no LoRA; --method regression: {DEFAULT_REGRESSION})")
     rs.add_argument("--embeddings", help="prompt embeddings .npz (default: <base-model>/embeddings/default.npz)")
-    rs.add_argument("--t0", default="199", help="start timestep (default 199); 'none' = the w/o-t0 variant")
+    rs.add_argument("--t0", help="start timestep (default: the checkpoint's, 199 for a file that does not say); "
+                                 "'none' = the w/o-t0 variant")
+    rs.add_argument("--latent", choices=["sample", "mean"],
+                    help="encode with a posterior sample or its mean (default: the checkpoint's, sample if it does not say)")
     rs.add_argument("--device", default="auto", help="auto, cpu or cuda")
     rs.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (official default on GPU: bf16)")
     rs.add_argument("--seed", type=int, default=0, help="seed of the posterior and t0 noise")

@@ -37,18 +37,44 @@ VAE_ENCODER_LORA_PATTERNS = [
     r"encoder\.down_blocks\.\d+\.downsamplers\.0\.conv", r"encoder\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)",
     r"encoder\.mid_block\.resnets\.\d+\.(conv1|conv2)", r"encoder\.conv_out", r"quant_conv",
 ]
+# Beyond the official format (a documented extension, `distill.vae_lora: encoder_decoder`): the decoder too, every
+# convolution and linear layer of AutoencoderKL's decoder (conv_in, mid_block, up_blocks, conv_out) and of the cpu
+# prior's PatchAutoencoder (mid_block, conv_out, the full-resolution refine blocks). The official loader adds
+# encoder adapters only, so it refuses such a checkpoint (unexpected keys), as ours does when asked for the encoder.
+VAE_DECODER_LORA_PATTERNS = [r"post_quant_conv", r"decoder\..+"]
+VAE_LORA_MODES = ("encoder", "encoder_decoder")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
 
-def vae_lora_targets(vae) -> list[str]:
-    """Full module names of `vae` matched by the official encoder target list."""
-    pats = [re.compile(p + r"$") for p in VAE_ENCODER_LORA_PATTERNS]
+def vae_lora_targets(vae, mode: str = "encoder") -> list[str]:
+    """Full module names of `vae` matched by the official encoder target list (`mode` "encoder") or by it and the
+    decoder's (`mode` "encoder_decoder")."""
+    if mode not in VAE_LORA_MODES:
+        raise NifiError(f"vae_lora must be one of {', '.join(VAE_LORA_MODES)}, got {mode!r}")
+    pats = VAE_ENCODER_LORA_PATTERNS + (VAE_DECODER_LORA_PATTERNS if mode == "encoder_decoder" else [])
+    pats = [re.compile(p + r"$") for p in pats]
     names = [n for n, m in vae.named_modules()
-             if any(p.match(n) for p in pats) and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+             if any(p.match(n) for p in pats) and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]  # what peft adapts
     if not names:
         raise NifiError(f"{type(vae).__name__} has no module matching the VAE-encoder LoRA targets")
     return names
+
+
+def lora_mode_of(vae_keys) -> str:
+    """"encoder_decoder" if a checkpoint's VAE entry holds decoder weights, else "encoder" (the official form)."""
+    pats = [re.compile(p + r"\.") for p in VAE_DECODER_LORA_PATTERNS]
+    return "encoder_decoder" if any(p.match(k) for k in vae_keys for p in pats) else "encoder"
+
+
+def checkpoint_meta(path: str | Path) -> dict:
+    """A restorer checkpoint's "nifi" entry (how it was trained: t0, latent, vae_lora, ...); {} if it has none."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise NifiError(f"{path}: not a loadable checkpoint ({type(e).__name__})") from None
+    meta = ck.get("nifi", {}) if isinstance(ck, dict) else {}
+    return dict(meta) if isinstance(meta, dict) else {}
 
 
 def load_embeddings(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +167,8 @@ class Restorer:
         self.null_embeds, self.null_pooled = null_embeds, null_pooled
         self.vae_targets: list[str] = []
         self.adapter_name = "default"  # the official restorer.py's adapter name
+        # how a loaded checkpoint was trained (its "nifi" entry): t0, latent mode, LoRA coverage; {} for official files
+        self.meta: dict = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -220,8 +248,9 @@ class Restorer:
 
     # ------------------------------------------------------------------ LoRA phi-
     def add_lora(self, rank: int = 64, alpha: float | None = None, vae: bool = True, init="gaussian",
-                 adapter_name: str = "default"):
-        """phi-: LoRA on the transformer (official targets) and, if `vae`, on the VAE encoder."""
+                 adapter_name: str = "default", vae_lora: str = "encoder"):
+        """phi-: LoRA on the transformer (official targets) and, if `vae`, on the VAE encoder (`vae_lora`
+        "encoder", the official list) or on its encoder and decoder ("encoder_decoder", our extension)."""
         from peft import LoraConfig
 
         alpha = rank if alpha is None else alpha
@@ -229,7 +258,7 @@ class Restorer:
         self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
                                                 target_modules=TRANSFORMER_LORA_TARGETS), adapter_name=adapter_name)
         if vae:
-            self.vae_targets = vae_lora_targets(self.vae)
+            self.vae_targets = vae_lora_targets(self.vae, vae_lora)
             self.vae.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
                                             target_modules=self.vae_targets), adapter_name=adapter_name)
         return self
@@ -243,11 +272,23 @@ class Restorer:
         out["vae"] = _adapter_entries(self.vae, self.adapter_name) if self.vae_targets else {}
         return out
 
-    def save_lora(self, path: str | Path) -> Path:
+    def save_lora(self, path: str | Path, meta: dict | None = None) -> Path:
+        """The official checkpoint, plus (if `meta`) a "nifi" entry of plain values saying how to use it (t0,
+        latent mode, LoRA coverage): the official loader reads only 'vae' and 'transformer', so it still loads
+        an encoder-only file; `restore` and `decompress --refine` default to what the entry says."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.lora_state_dict(), path)
+        sd = self.lora_state_dict()
+        if meta:
+            sd["nifi"] = dict(meta)
+        torch.save(sd, path)
         return path
+
+    def restore_defaults(self) -> dict:
+        """What the loaded checkpoint was trained with: {'t0': ..., 'sample': ...} (the official t0 199 and a
+        posterior sample for a checkpoint that does not say)."""
+        return {"t0": self.meta.get("t0", 199) if self.meta else 199,
+                "sample": self.meta.get("latent", "sample") == "sample"}
 
     def load_lora(self, path: str | Path, alpha_over_rank: float = 1.0) -> "Restorer":
         """Load a restorer checkpoint (weights_only): the official form (model state-dict keys with the adapter
@@ -262,20 +303,25 @@ class Restorer:
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
             why = (str(e).strip().splitlines() or [""])[0][:120]
             raise NifiError(f"{path}: not a loadable checkpoint ({type(e).__name__}{': ' + why if why else ''})") from None
-        if not isinstance(ckpt, dict) or set(ckpt) - {"vae", "transformer"} or "transformer" not in ckpt:
+        if not isinstance(ckpt, dict) or set(ckpt) - {"vae", "transformer", "nifi"} or "transformer" not in ckpt:
             keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
             raise NifiError(f"{path}: expected a dict with keys 'vae' and 'transformer', got {keys}")
         for part in ("transformer", "vae"):
             got = ckpt.get(part, {})
             if not isinstance(got, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in got.items()):
                 raise NifiError(f"{path}: the {part!r} entry is not a state dict of tensors")
+        meta = ckpt.get("nifi", {})
+        if not isinstance(meta, dict):
+            raise NifiError(f"{path}: the 'nifi' entry is not a dict of settings")
         parts = {part: _to_model_keys(ckpt.get(part, {}), self.adapter_name) for part in ("transformer", "vae")}
         ranks = [v.shape[0] for k, v in parts["transformer"].items() if ".lora_A." in k]
         if not ranks:
             raise NifiError(f"{path}: the 'transformer' entry holds no LoRA weights (keys like "
                             f"'...to_q.lora_A.default.weight')")
         if not self._has_adapter():
-            self.add_lora(rank=ranks[0], alpha=ranks[0] * alpha_over_rank, vae=bool(parts["vae"]))
+            # an existing adapter (e.g. the official encoder list) is kept strict: decoder keys are then unexpected
+            self.add_lora(rank=ranks[0], alpha=ranks[0] * alpha_over_rank, vae=bool(parts["vae"]),
+                          vae_lora=lora_mode_of(parts["vae"]))
         for part, got in parts.items():
             model = self.transformer if part == "transformer" else self.vae
             want = _adapter_entries(model, self.adapter_name) if (part == "transformer" or self.vae_targets) else {}
@@ -293,6 +339,7 @@ class Restorer:
             if got:
                 res = model.load_state_dict(got, strict=False)  # the official loading call
                 assert not res.unexpected_keys, res.unexpected_keys  # checked above
+        self.meta = dict(meta)
         return self
 
     def _has_adapter(self) -> bool:

@@ -295,3 +295,51 @@ def test_cuda_restore_matches_cpu(prior):
     assert gpu.device == img.device and (gpu - cpu).abs().max() < 1e-3  # same seeded noise on both devices
     bf = Restorer.from_pretrained(base, device="cuda", dtype=torch.bfloat16).load_lora(ckpt).to("cuda").restore(img, seed=2)
     assert (bf - cpu).abs().mean() < 0.05
+
+
+def test_decoder_lora_is_an_extension_the_official_loader_refuses(prior, tmp_path):
+    """`vae_lora: encoder_decoder` adapts the decoder too; its checkpoint says so ("nifi" entry), reloads into a fresh
+    restorer with the same output, and a restorer holding the official encoder-only adapters refuses it in one line."""
+    base, _, _ = prior
+    r = Restorer.from_pretrained(base)
+    r.add_lora(rank=4, vae_lora="encoder_decoder")
+    assert any(t.startswith("decoder.") for t in r.vae_targets) and any(t.startswith("encoder.") for t in r.vae_targets)
+    _randomize_lora(r, seed=4)
+    r.save_lora(tmp_path / "dec.pt", meta={"t0": 49, "latent": "mean", "vae_lora": "encoder_decoder"})
+    img = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    back = Restorer.from_pretrained(base).load_lora(tmp_path / "dec.pt")
+    assert back.meta["t0"] == 49 and back.restore_defaults() == {"t0": 49, "sample": False}
+    assert torch.equal(back.restore(img, t0=49, sample=False), r.restore(img, t0=49, sample=False))
+    # the decoder's adapter matters
+    enc_only = {"transformer": r.lora_state_dict()["transformer"],
+                "vae": {k: v for k, v in r.lora_state_dict()["vae"].items() if not k.startswith(("decoder.", "post_quant_conv."))}}
+    torch.save(enc_only, tmp_path / "enc.pt")
+    assert (Restorer.from_pretrained(base).load_lora(tmp_path / "enc.pt").restore(img, t0=49, sample=False)
+            - r.restore(img, t0=49, sample=False)).abs().max() > 1e-3
+    # the official loader's strictness: encoder adapters (the official list) refuse decoder keys
+    with pytest.raises(NifiError, match="unexpected vae keys.*decoder"):
+        _official_model(base).load_lora(tmp_path / "dec.pt")
+    with pytest.raises(NifiError, match="vae_lora must be one of"):
+        Restorer.from_pretrained(base).add_lora(rank=4, vae_lora="decoder")
+
+
+def test_restore_without_flags_uses_the_checkpoints_t0_and_latent(prior, tmp_path):
+    """A checkpoint trained at t0 49 with the posterior mean restores that way by default (issue 30: the old default
+    t0 199 made a new user's first restore worse than none); flags still override."""
+    base, _, _ = prior
+    r = Restorer.from_pretrained(base)
+    r.add_lora(rank=4)
+    _randomize_lora(r, seed=9)
+    r.save_lora(tmp_path / "t49.pt", meta={"t0": 49, "latent": "mean"})
+    write_image(tmp_path / "lq.png", torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(3)))
+    lq, _ = read_image(tmp_path / "lq.png")
+
+    def as_png(x):
+        return (x[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+    common = ["--lq", str(tmp_path / "lq.png"), "--base-model", str(base), "--ckpt", str(tmp_path / "t49.pt"), "--device", "cpu"]
+    assert main(["restore", "--out", str(tmp_path / "a.png"), *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), as_png(r.restore(lq, t0=49, seed=0, sample=False)))
+    assert main(["restore", "--out", str(tmp_path / "b.png"), "--t0", "199", "--latent", "sample", *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), as_png(r.restore(lq, t0=199, seed=0, sample=True)))
+    assert main(["restore", "--out", str(tmp_path / "c.png"), "--t0", "abc", *common]) == 2
