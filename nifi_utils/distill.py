@@ -1,6 +1,7 @@
 """Layer 5 (models): NiFi distillation, training the one-step restorer (paper §3, Eqs. 1, 4-8).
 
-Generator phi- (LoRA on the transformer and the VAE encoder) restores in one step from the degraded
+Generator phi- (LoRA on the transformer and the VAE encoder; `vae_lora: encoder_decoder`, our extension, on the
+decoder too) restores in one step from the degraded
 latent noised to t0 (`Restorer.one_step`, exactly the inference path). A critic phi+ (a second LoRA
 on a frozen copy of the transformer) learns the score of the restored distribution; the frozen prior
 with its adapters off is the real score. Per step, with t from the scheduler's timesteps in an index
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from .common import NifiError, progress
 from .launch import batch_share
-from .restorer import CRITIC_LORA_TARGETS, Restorer
+from .restorer import CRITIC_LORA_TARGETS, VAE_LORA_MODES, Restorer
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DistillConfig:
     l2_weight: float = 1.0
     perceptual_weight: float = 1.0
     perceptual: str = "stlpips_alex"  # stlpips_alex | stlpips_vgg | lpips_alex (needs torchvision weights)
+    vae_lora: str = "encoder"  # encoder (official) | encoder_decoder (our extension: the decoder adapts too)
     lattice_weight: float = 0.0  # weight of the l2 on the latent-grid harmonics of (restored - clean); paper: none
     t_index_min: int = 50
     t_index_max: int = 950
@@ -75,6 +77,8 @@ class DistillConfig:
             raise NifiError(f"latent must be 'sample' or 'mean', got {self.latent!r}")
         if self.lattice_weight < 0:
             raise NifiError(f"lattice_weight must be >= 0, got {self.lattice_weight}")
+        if self.vae_lora not in VAE_LORA_MODES:
+            raise NifiError(f"vae_lora must be one of {', '.join(VAE_LORA_MODES)}, got {self.vae_lora!r}")
         if not 0 <= self.t_index_min < self.t_index_max <= 1000:
             raise NifiError(f"t index range [{self.t_index_min}, {self.t_index_max}) is not inside [0, 1000)")
 
@@ -196,7 +200,7 @@ class Distiller:
         self.critic.add_adapter(LoraConfig(r=cfg.critic_rank, lora_alpha=cfg.critic_rank, init_lora_weights="gaussian",
                                            target_modules=CRITIC_LORA_TARGETS), adapter_name="critic")
         if not r._has_adapter():
-            r.add_lora(rank=cfg.rank, alpha=cfg.rank)
+            r.add_lora(rank=cfg.rank, alpha=cfg.rank, vae_lora=cfg.vae_lora)
         self.r = r
         gen_params = [p for m in (r.transformer, r.vae) for n, p in m.named_parameters() if "lora_" in n]
         crit_params = [p for n, p in self.critic.named_parameters() if "lora_" in n]
@@ -410,7 +414,9 @@ class Distiller:
     def export(self, path: str | Path) -> Path:
         """The restorer in the official checkpoint format ({'vae', 'transformer'} LoRA state dicts); call it on
         the main process."""
-        return self.r.save_lora(path)
+        c = self.cfg
+        return self.r.save_lora(path, meta={"format": "nifi-restorer/1", "t0": c.t0, "latent": c.latent,
+                                            "vae_lora": c.vae_lora, "rank": c.rank, "perceptual": c.perceptual})
 
 
 def config_dict(cfg: DistillConfig) -> dict:
@@ -436,24 +442,39 @@ def heldout_pairs(renders_root: Path, scenes: list[str], per_level: int) -> tupl
 
 
 # ---------------------------------------------------------------------- held-out evaluation and the variants
-class HeldoutEval:
-    """`evaluate(d)` for `Distiller.train`: held-out ST-LPIPS (alex, the training loss's metric; overall and per
-    level) of d's restorations and the lattice they paint (periodic-artifact score minus the ground truth's; 0:
-    none). `evaluate(d, full=True)` adds what the restorer never trains on: ST-LPIPS (vgg), PSNR and SSIM, overall
-    and per level (the first and last points of a run; vgg costs ~5x alex). Picklable for worker processes.
-    `sample`: encode with a posterior sample (True, the distill stage's curves) or the variant's own latent mode
-    (None: `cfg.latent`). `full_at_start`: the full set at step 0 too (the prior's own one step: the floor)."""
+JUDGES = {"stlpips_alex": "stlpips_vgg", "stlpips_vgg": "stlpips_alex", "lpips_alex": "dists", "lpips_vgg": "dists"}
 
-    FULL = ("stlpips_vgg", "psnr", "ssim")
+
+def judge_metric(perceptual: str) -> str:
+    """The held-out judge of a restorer trained on `perceptual`: a perceptual network it never sees (ST-LPIPS vgg
+    for alex and alex for vgg on cpu; DISTS for LPIPS on paper). Derived here, in one place, from
+    `distill.perceptual`, so a change of training loss can never leave the judge trained on."""
+    if perceptual not in JUDGES:
+        raise NifiError(f"no held-out judge for perceptual loss {perceptual!r}; known: {', '.join(JUDGES)}")
+    return JUDGES[perceptual]
+
+
+class HeldoutEval:
+    """`evaluate(d)` for `Distiller.train`: the held-out judge (`judge`, the perceptual network no restorer trains
+    on; overall and per level) of d's restorations and the lattice they paint (periodic-artifact score minus the
+    ground truth's; 0: none). `evaluate(d, full=True)` adds the metric it trains on (`trained`), PSNR and SSIM,
+    overall and per level (the first and last points of a run). Keys are `heldout_<metric>[_level<k>]`.
+    Picklable for worker processes. `sample`: encode with a posterior sample (True) or the variant's own latent
+    mode (None: `cfg.latent`). `full_at_start`: the full set at step 0 too (the prior's own one step: the floor)."""
 
     def __init__(self, lq: torch.Tensor, hq: torch.Tensor, lv: np.ndarray, seed: int = 0, sample: bool | None = True,
-                 full_at_start: bool = False):
+                 full_at_start: bool = False, trained: str = "stlpips_alex", judge: str | None = None):
         from .metrics import periodic_artifact
 
         self.lq, self.hq, self.lv, self.seed, self.sample = lq, hq, lv, seed, sample
         self.full_at_start = full_at_start
+        self.trained, self.judge = trained, judge or judge_metric(trained)
         self.levels = sorted(set(lv.tolist()))
         self.gt_periodic = periodic_artifact(hq)
+
+    @property
+    def full(self) -> tuple[str, ...]:
+        return (self.trained, "psnr", "ssim")
 
     def restored(self, d: "Distiller") -> torch.Tensor:
         return self.restore_with(d.r, d.cfg.t0, d.cfg.latent)
@@ -467,13 +488,14 @@ class HeldoutEval:
 
     def scores(self, out: torch.Tensor, full: bool = False) -> dict:
         """The held-out scores of restored (or any) images `out` against the ground truth."""
-        from .metrics import image_metrics, periodic_artifact
+        from .metrics import flat_excess, image_metrics, periodic_artifact
 
-        m = image_metrics(out, self.hq, ["stlpips_alex", *(self.FULL if full else ())])
-        res = {"heldout_stlpips": float(m["stlpips_alex"].mean()),
-               "heldout_periodic_excess": float((periodic_artifact(out) - self.gt_periodic).mean()),
-               **{f"heldout_stlpips_level{lv}": float(m["stlpips_alex"][self.lv == lv].mean()) for lv in self.levels}}
-        for k in self.FULL if full else ():
+        names = [self.judge, *(self.full if full else ())]
+        m = image_metrics(out, self.hq, names)
+        res = {"heldout_periodic_excess": float((periodic_artifact(out) - self.gt_periodic).mean())}
+        if full:
+            res["heldout_flat_excess"] = float(flat_excess(out, self.hq).mean())
+        for k in names:
             res[f"heldout_{k}"] = float(m[k].mean())
             res.update({f"heldout_{k}_level{lv}": float(m[k][self.lv == lv].mean()) for lv in self.levels})
         return res
@@ -510,7 +532,8 @@ def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: s
         d.export(out_path)
         result = {"config": config_dict(cfg), "seconds": time.time() - t, "final": d.history[-1],
                   "ckpt_bytes": Path(out_path).stat().st_size, "processes": d.acc.num_processes}
-        print(f"{name}: {result['seconds']:.0f} s, held-out ST-LPIPS {d.history[-1]['heldout_stlpips']:.4f}", flush=True)
+        print(f"{name}: {result['seconds']:.0f} s, held-out {evaluate.judge} {d.history[-1]['heldout_' + evaluate.judge]:.4f}",
+              flush=True)
         out = {"name": name, "result": result, "history": d.history,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     d.acc.wait_for_everyone()
@@ -518,7 +541,11 @@ def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: s
 
 
 def _variant_job(job: dict) -> dict:
-    return train_variant(**job)
+    if isinstance(job["cfg"], DistillConfig):
+        return train_variant(**job)
+    from .regression import train_regression  # the regression baseline trains beside the variants
+
+    return train_regression(**job)
 
 
 def train_variants(jobs: list[dict], workers: int = 1) -> list[dict]:
