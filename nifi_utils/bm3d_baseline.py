@@ -39,12 +39,13 @@ def _worker(args):
     return bm3d_restore(*args)
 
 
-def bm3d_many(images: list[np.ndarray], workers: int = 1) -> list[tuple[np.ndarray, float, float]]:
-    """BM3D over many images, spread over `workers` processes (spawned: safe beside torch's threads)."""
+def bm3d_many(images: list[np.ndarray], workers: int = 1, sigma: float | None = None) -> list[tuple[np.ndarray, float, float]]:
+    """BM3D over many images at noise level `sigma` (None: estimated per image), spread over `workers` processes
+    (spawned: safe beside torch's threads)."""
     if workers <= 1 or len(images) <= 1:
-        return [bm3d_restore(im) for im in images]
+        return [bm3d_restore(im, sigma) for im in images]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(min(workers, len(images)), mp_context=mp.get_context("spawn")) as ex:
-        return list(ex.map(_worker, [(im, None) for im in images]))
+        return list(ex.map(_worker, [(im, sigma) for im in images]))
