@@ -19,11 +19,14 @@ from .common import NifiError
 from .stats import MAY_BE_UNDEFINED, mean_ci, tiers
 
 # Table 1's row order: reference, unrestored, baselines, NiFi; anything else (external_*) after the baselines
-METHOD_ORDER = ["3dgs", "compressed", "bm3d", "img2img", "nifi", "nifi_no_tsd", "nifi_wo_t0", "nifi_3d", "nifi_3d_plus"]
-METHOD_LABELS = {"3dgs": "3DGS (uncompressed)", "compressed": "compressed", "bm3d": "+ BM3D", "img2img": "+ Img2Img",
+METHOD_ORDER = ["3dgs", "compressed", "bm3d", "regression", "img2img", "nifi", "nifi_no_tsd", "nifi_wo_t0", "nifi_3d",
+                "nifi_3d_plus"]
+METHOD_LABELS = {"3dgs": "3DGS (uncompressed)", "compressed": "compressed", "bm3d": "+ BM3D",
+                 "regression": "+ regression U-Net", "img2img": "+ Img2Img",
                  "nifi": "+ NiFi", "nifi_no_tsd": "+ NiFi w/o TSD", "nifi_wo_t0": "+ NiFi w/o t0",
                  "nifi_3d": "NiFi-3D (refined 3DGS)", "nifi_3d_plus": "NiFi-3D + NiFi"}
-METHOD_COLORS = {"3dgs": "black", "compressed": "tab:gray", "bm3d": "tab:blue", "img2img": "tab:orange",
+METHOD_COLORS = {"3dgs": "black", "compressed": "tab:gray", "bm3d": "tab:blue", "regression": "tab:green",
+                 "img2img": "tab:orange",
                  "nifi": "tab:red", "nifi_no_tsd": "tab:purple", "nifi_wo_t0": "tab:pink",
                  "nifi_3d": "tab:brown", "nifi_3d_plus": "darkred",
                  "paper_SwinIR": "tab:green", "paper_DiffBIR": "tab:olive", "paper_Difix3D": "tab:cyan"}
@@ -33,12 +36,14 @@ METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "stlpips_alex": "ST-LPIPS 
                  "lpips_alex": "LPIPS (alex)", "lpips_vgg": "LPIPS (vgg)", "dists": "DISTS",
                  "mv_consistency": "multi-view inconsistency (GT = 1)",
                  "periodic": "periodic artifact (log10, 8-px lattice)",
-                 "periodic_excess": "periodic artifact over GT's (log10)"}
+                 "periodic_excess": "periodic artifact over GT's (log10)",
+                 "flat_excess": "detail added where GT is flat (RMS)"}
 OUR_CODEC = "nifi3dgs"
 KEY_COLUMNS = ["method", "codec", "rate", "scene", "view"]
 REQUIRED_COLUMNS = KEY_COLUMNS + ["bytes", "size_mb", "ratio"]
 # the paper's method names -> ours, so a published curve takes the colour of our counterpart
-PAPER_METHODS = {"3DGS-30K": "3dgs", "HAC++": "compressed", "BM3D": "bm3d", "Img2Img (SD3)": "img2img", "NiFi": "nifi",
+PAPER_METHODS = {"3DGS-30K": "3dgs", "HAC++": "compressed", "BM3D": "bm3d", "SwinIR": "regression",
+                 "Img2Img (SD3)": "img2img", "NiFi": "nifi",
                  "NiFi w/o t0": "nifi_wo_t0"}
 PAPER_COLUMNS = ["dataset", "lambda", "method", "size_mb", "lpips", "dists", "source"]
 # which of our metrics the paper's columns are comparable with (same network family)
@@ -199,6 +204,46 @@ def plot_rd(agg: pd.DataFrame, metrics, paper: pd.DataFrame | None = None, paper
     else:
         fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(handles) - 1) // 4), 1, 1))
+    return fig
+
+
+def plot_perception_distortion(agg: pd.DataFrame, judge: str, distortions=("psnr", "ssim"), codec: str = OUR_CODEC,
+                               held_out: bool = True):
+    """Figure: the perception-distortion plane (Blau and Michaeli, CVPR 2018), one column per rate of `codec`, one
+    row per distortion metric: every method at (distortion, held-out perceptual `judge`) with 95 % intervals on both
+    axes. Better is towards the lower right (higher PSNR/SSIM, lower perceptual distance); a method beats another
+    only where it is better on both axes, otherwise they trade one for the other."""
+    import matplotlib.pyplot as plt
+
+    sub = agg[(agg["codec"] == codec) & (agg["method"] != "3dgs")]
+    rates = sorted(sub["rate"].unique(), key=natural_key)
+    if not rates or judge not in sub:
+        raise NifiError(f"no {codec} rows with {judge!r} in the benchmark: nothing to draw on the perception-distortion plane")
+    fig, axes = plt.subplots(len(distortions), len(rates), figsize=(3.8 * len(rates), 3.3 * len(distortions)), squeeze=False)
+    handles = {}
+    for j, rate in enumerate(rates):
+        g = sub[sub["rate"] == rate]
+        for i, dist in enumerate(distortions):
+            ax = axes[i, j]
+            for _, row in g.iterrows():
+                x, y = row.get(dist), row.get(judge)
+                if not (np.isfinite(x) and np.isfinite(y)):
+                    continue
+                xe = [[max(x - row.get(f"{dist}_lo", x), 0)], [max(row.get(f"{dist}_hi", x) - x, 0)]]
+                ye = [[max(y - row.get(f"{judge}_lo", y), 0)], [max(row.get(f"{judge}_hi", y) - y, 0)]]
+                xe, ye = np.nan_to_num(xe), np.nan_to_num(ye)
+                h = ax.errorbar([x], [y], xerr=xe, yerr=ye, fmt="o", ms=5, color=method_color(row["method"]), capsize=2,
+                                elinewidth=1, label=method_label(row["method"]))
+                handles[method_label(row["method"])] = h
+            ax.set_xlabel(metric_label(dist), fontsize=8)
+            ax.set_ylabel(f"{metric_label(judge)}{', held out' if held_out else ', trained on'} ↓", fontsize=8)
+            mb = g["size_mb"].mean()
+            ax.set_title(f"{rate} ({fmt_mb(mb)} MB)", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3, lw=0.5)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle("Perception-distortion plane: better is lower right; error bars 95 % two-level bootstrap", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(handles) - 1) // 5), 1, 0.97))
     return fig
 
 
