@@ -38,6 +38,12 @@ VARIANTS = {
     "t0_49_lattice_w20": {"lattice_weight": 20.0, "t0": 49},
     "lattice_w1_l2x4": {"lattice_weight": 1.0, "l2_weight": 4.0},
     "rank64": {"lattice_weight": 0.0, "rank": 64, "critic_rank": 64},
+    # issue 30: which VAE modules phi- adapts and which network it trains on (the profile's: decoder LoRA, vgg)
+    "recipe": {},
+    "encoder_only": {"vae_lora": "encoder"},
+    "recipe_no_tsd": {"tsd_weight": 0.0},
+    "recipe_wo_t0": {"t0": None},
+    "recipe_no_lattice": {"lattice_weight": 0.0},
 }
 # what benchmarks/results/lattice_sources.json holds (the screen behind the cpu profile's lattice_weight and t0)
 DEFAULT = "nifi,lattice_w5,lattice_w20,t0_49,t0_49_lattice_w5,t0_49_lattice_w20"
@@ -69,9 +75,10 @@ def main(argv=None) -> int:
         print(screening.row(name, results[name]["final"]), flush=True)
     out = {"what": __doc__.splitlines()[0], "profile": args.profile, "steps": args.steps,
            "base_config": config_dict(DistillConfig(**base)), "n_heldout": len(evaluate.lq),
-           "columns": {"heldout_stlpips": "ST-LPIPS alex (the training loss's metric)",
-                       "heldout_stlpips_vgg": "ST-LPIPS vgg (never a training loss)", "heldout_psnr": "PSNR dB",
-                       "heldout_ssim": "SSIM", "heldout_periodic_excess": "periodic-artifact score minus the GT's"},
+           "columns": {"heldout_judge": f"{evaluate.judge} (held out: never a training loss)",
+                       "heldout_trained": f"{evaluate.trained} (the training loss's metric)", "heldout_psnr": "PSNR dB",
+                       "heldout_ssim": "SSIM", "heldout_periodic_excess": "periodic-artifact score minus the GT's",
+                       "heldout_flat_excess": "detail added where the GT is flat (RMS high-pass minus the GT's)"},
            "results": results, "provenance": provenance(args.profile, 0, "cpu")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

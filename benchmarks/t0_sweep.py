@@ -23,7 +23,7 @@ from pathlib import Path
 import screening
 
 ROOT = screening.ROOT
-PANELS = [("heldout_stlpips", "ST-LPIPS alex (trained on) ↓"), ("heldout_stlpips_vgg", "ST-LPIPS vgg (held out) ↓"),
+PANELS = [("heldout_trained", "perceptual, trained on ↓"), ("heldout_judge", "perceptual, held out (judge) ↓"),
           ("heldout_ssim", "SSIM ↑"), ("heldout_psnr", "PSNR (dB) ↑"), ("heldout_periodic_excess", "lattice excess over GT ↓")]
 
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         label = "w/o t0\n(1.0)" if t0 is None else f"{t0:.0f}\n({s0:.3f})" if t0 >= 1 else f"{t0:.2f}\n({s0:.4f})"
         cfg = DistillConfig(**{**base, "t0": t0})
         if args.untrained_only:
-            r = {"start": evaluate.scores(evaluate.restore_with(prior, t0, cfg.latent), full=True)}
+            r = {"start": screening.named(evaluate.scores(evaluate.restore_with(prior, t0, cfg.latent), full=True), evaluate)}
             r["final"] = r["start"]  # nothing trained: the figure's two lines coincide
         else:
             r = screening.run(name, cfg, base_model, pairs, evaluate)
@@ -115,14 +115,14 @@ def main(argv=None) -> int:
     out_json = Path(args.out)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     figure(results, compressed, out_json.with_suffix(".png"))
-    best = min(results, key=lambda k: results[k]["final"]["heldout_stlpips_vgg"])
+    best = min(results, key=lambda k: results[k]["final"]["heldout_judge"])
     out = {"what": __doc__.splitlines()[0], "profile": args.profile, "steps": 0 if args.untrained_only else args.steps,
            "base_model": str(base_model),
            "base_config": config_dict(DistillConfig(**base)), "n_heldout": len(evaluate.lq),
            "smallest_timestep": smallest, "compressed": compressed, "results": results,
-           "best_on_heldout_vgg": best, "provenance": provenance(args.profile, 0, "cpu")}
+           "judge": evaluate.judge, "trained": evaluate.trained, "best_on_heldout_judge": best, "provenance": provenance(args.profile, 0, "cpu")}
     out_json.write_text(json.dumps(out, indent=1))
-    print(f"best t0 on ST-LPIPS vgg (held out): {best}\n-> {out_json} and {out_json.with_suffix('.png')}")
+    print(f"best t0 on {evaluate.judge} (held out): {best}\n-> {out_json} and {out_json.with_suffix('.png')}")
     return 0
 
 
