@@ -532,8 +532,9 @@ def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: s
         d.export(out_path)
         result = {"config": config_dict(cfg), "seconds": time.time() - t, "final": d.history[-1],
                   "ckpt_bytes": Path(out_path).stat().st_size, "processes": d.acc.num_processes}
-        print(f"{name}: {result['seconds']:.0f} s, held-out {evaluate.judge} {d.history[-1]['heldout_' + evaluate.judge]:.4f}",
-              flush=True)
+        judge = getattr(evaluate, "judge", None)  # a plain function (tests) has no judge to report
+        print(f"{name}: {result['seconds']:.0f} s" + (f", held-out {judge} {d.history[-1]['heldout_' + judge]:.4f}"
+                                                      if judge else ""), flush=True)
         out = {"name": name, "result": result, "history": d.history,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     d.acc.wait_for_everyone()

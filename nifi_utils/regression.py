@@ -175,7 +175,8 @@ def train_regression(name: str, cfg: RegressionConfig, out_path: str | Path, pai
     history[-1].update(held(full=True))
     save_regression(model, cfg, out_path)
     seconds = time.time() - t
-    print(f"{name}: {seconds:.0f} s, held-out {evaluate.judge} {history[-1]['heldout_' + evaluate.judge]:.4f}", flush=True)
+    judge = getattr(evaluate, "judge", "stlpips_vgg")
+    print(f"{name}: {seconds:.0f} s, held-out {judge} {history[-1]['heldout_' + judge]:.4f}", flush=True)
     return {"name": name, "history": history, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "result": {"config": asdict(cfg), "seconds": seconds, "final": history[-1],
                        "ckpt_bytes": Path(out_path).stat().st_size, "processes": 1,
