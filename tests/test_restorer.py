@@ -343,3 +343,25 @@ def test_restore_without_flags_uses_the_checkpoints_t0_and_latent(prior, tmp_pat
     assert main(["restore", "--out", str(tmp_path / "b.png"), "--t0", "199", "--latent", "sample", *common]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), as_png(r.restore(lq, t0=199, seed=0, sample=True)))
     assert main(["restore", "--out", str(tmp_path / "c.png"), "--t0", "abc", *common]) == 2
+
+
+def test_restore_without_flags_gives_the_benchmarks_nifi_images(prior, tmp_path):
+    """The benchmark restores each variant with the t0 and latent mode of its distill config; the CLI with no flags
+    reads them from the checkpoint: both give the same image (issue 30: a new user's first restore is the benchmark's)."""
+    from nifi_utils import benchmark as B
+
+    base, _, _ = prior
+    r = Restorer.from_pretrained(base)
+    r.add_lora(rank=4, vae_lora="encoder_decoder")
+    _randomize_lora(r, seed=5)
+    cfg = {"t0": 49, "latent": "mean"}
+    (tmp_path / "restorer").mkdir()
+    r.save_lora(tmp_path / "restorer" / "nifi.pt", meta={**cfg, "vae_lora": "encoder_decoder"})
+    im = (np.random.default_rng(0).random((24, 32, 3)) * 255).astype(np.uint8)
+    Image.fromarray(im).save(tmp_path / "view.png")
+    fn = B.nifi_restore_fn("nifi", base, tmp_path / "restorer", cfg, torch.device("cpu"), seed=0, tile=None)
+    bench, _ = B._timed(fn, im, torch.device("cpu"))
+    assert main(["restore", "--lq", str(tmp_path / "view.png"), "--out", str(tmp_path / "out.png"), "--base-model", str(base),
+                 "--ckpt", str(tmp_path / "restorer" / "nifi.pt"), "--device", "cpu"]) == 0
+    ref = (bench.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), ref)
