@@ -47,8 +47,10 @@ import shutil
 import time
 
 from nifi_utils.common import pick_device, progress, provenance, repo_path
+from nifi_utils.lab import require_inputs
 from nifi_utils.scenes import SceneSpec, build_scenes, contact_sheet, import_colmap_scene, scene_seeds
 
+require_inputs("scenes", profile)  # an upstream output missing: one line naming what to run first, nothing written
 out_root = repo_path("data", profile, "scenes")
 report_path = repo_path("reports", profile, "scenes.json")
 sheet_path = repo_path("reports", profile, "figures", "scenes_contact_sheet.png")

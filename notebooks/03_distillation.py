@@ -77,10 +77,12 @@ import torch
 from nifi_utils.common import pick_device, provenance, repo_path
 from nifi_utils.distill import (DistillConfig, HeldoutEval, PairSet, config_dict, heldout_pairs, launch_variants,
                                 train_variants)
+from nifi_utils.lab import require_inputs
 from nifi_utils.launch import check_processes
 from nifi_utils.metrics import METRIC_BACKENDS, stlpips
 from nifi_utils.restorer import Restorer
 
+require_inputs("distill", profile)  # an upstream output missing: one line naming what to run first, nothing written
 out_dir = repo_path("data", profile, "restorer")
 ckpt_root = repo_path("data", profile, "distill_checkpoints")  # not a DVC output: survives an interruption
 report_path = repo_path("reports", profile, "distill.json")
