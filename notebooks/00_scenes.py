@@ -78,7 +78,7 @@ if source == "procedural":
     records = build_scenes(specs, out_root, gt_supersample, device, workers if device.type == "cpu" else 1)
 elif source == "colmap":
     if not datasets:
-        raise ValueError("scenes.datasets is empty: list your COLMAP scenes in conf/profile/paper.yaml (see README)")
+        raise ValueError("scenes.datasets is empty: list your COLMAP scenes in conf/profile/paper.yaml (see docs/gpu.md)")
     for d in progress(datasets, desc="scenes"):
         folder = import_colmap_scene(d["name"], d["colmap_dir"], d["ply"], out_root / d["name"], d.get("images", "images"),
                                      width, d.get("split", "eval"))

@@ -133,7 +133,7 @@ if source == "sd3":
     # before hours of synthesis
     for emb in (sd3_embeddings, base / "embeddings" / "default.npz", base / "embeddings" / "null.npz"):
         assert Path(emb).is_file(), (f"prompt embeddings {emb} missing: encode NiFi's default prompt and the empty prompt "
-                                     "with SD3's text encoders (keys prompt_embeds, pooled_prompt_embeds; see README)")
+                                     "with SD3's text encoders (keys prompt_embeds, pooled_prompt_embeds; see docs/gpu.md)")
         pe, pp = load_embeddings(emb)
         assert pe.shape[-1] == tcfg["joint_attention_dim"] and pp.shape[-1] == tcfg["pooled_projection_dim"], f"{emb} does not fit SD3"
     pe, pp = load_embeddings(sd3_embeddings)
