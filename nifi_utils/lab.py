@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .common import REPO_ROOT, NifiError, repo_path
-from .params import load_params, load_yaml, profile_params, stage_spec
+from .params import _interpolate, load_params, load_yaml, profile_params, stage_spec
 
 
 class MissingInputs(NifiError):
@@ -36,33 +36,29 @@ def _present(p: Path) -> bool:
     return p.is_file() or (p.is_dir() and any(p.iterdir()))
 
 
+def _graph(profile: str) -> dict[str, tuple[list[Path], list[Path]]]:
+    """dvc.yaml's stages in order -> (deps, outs), `${profile}` filled in: read once per question."""
+    params = profile_params(profile)
+    variables = {k: v for k, v in params.items() if not isinstance(v, (dict, list))}
+    stages = load_yaml(repo_path("dvc.yaml")).get("stages", {})
+    path = lambda d: repo_path(_interpolate(str(next(iter(d)) if isinstance(d, dict) else d), variables))  # noqa: E731
+    return {s: ([path(d) for d in st.get("deps", [])], [path(o) for o in st.get("outs", [])]) for s, st in stages.items()}
+
+
 def _stages() -> list[str]:
     return list(load_yaml(repo_path("dvc.yaml")).get("stages", {}))
 
 
-def _deps(stage: str, profile: str) -> list[Path]:
-    from .params import _interpolate
-
-    params = profile_params(profile)
-    variables = {k: v for k, v in params.items() if not isinstance(v, (dict, list))}
-    st = load_yaml(repo_path("dvc.yaml"))["stages"][stage]
-    return [repo_path(_interpolate(str(d), variables)) for d in st.get("deps", [])]
-
-
-def _producers(profile: str) -> dict[Path, str]:
-    """Every output path of dvc.yaml (for this profile) -> the stage that writes it."""
-    return {o: s for s in _stages() for o in stage_spec(s, profile).outs}
-
-
-def missing_outputs(stage: str, profile: str) -> list[Path]:
+def missing_outputs(stage: str, profile: str, graph: dict | None = None) -> list[Path]:
     """The stage's outputs that are not there (or are empty folders)."""
-    return [o for o in stage_spec(stage, profile).outs if not _present(o)]
+    return [o for o in (graph or _graph(profile))[stage][1] if not _present(o)]
 
 
-def plan(paths: list[Path], profile: str) -> tuple[list[Path], list[str]]:
+def plan(paths: list[Path], profile: str, graph: dict | None = None) -> tuple[list[Path], list[str]]:
     """(the paths that are missing, the stages to run first, in dvc.yaml's order): the producers of the missing paths
     and, transitively, of their own missing inputs. A missing path no stage makes is returned without a stage."""
-    producers = _producers(profile)
+    graph = graph or _graph(profile)
+    producers = {o: s for s, (_, outs) in graph.items() for o in outs}
     missing = [p for p in paths if not _present(p)]
     need: set[str] = set()
     todo = [producers[p] for p in missing if p in producers]
@@ -71,8 +67,14 @@ def plan(paths: list[Path], profile: str) -> tuple[list[Path], list[str]]:
         if s in need:
             continue
         need.add(s)
-        todo += [producers[d] for d in _deps(s, profile) if d in producers and not _present(d)]
-    return missing, [s for s in _stages() if s in need]
+        todo += [producers[d] for d in graph[s][0] if d in producers and not _present(d)]
+    return missing, [s for s in graph if s in need]
+
+
+def _upstream(stage: str, graph: dict) -> list[Path]:
+    """The stage's deps that another stage makes (code and notebooks are not outputs of a stage)."""
+    made = {o for _, outs in graph.values() for o in outs}
+    return [d for d in graph[stage][0] if d in made]
 
 
 def first_command(stage: str | None, stages: list[str], profile: str) -> str:
@@ -85,8 +87,8 @@ def first_command(stage: str | None, stages: list[str], profile: str) -> str:
     return f"python -m nifi_utils.lab prepare{' ' + stage if stage else ''} --profile {profile}"
 
 
-def _stop(what: str, stage: str | None, paths: list[Path], profile: str) -> None:
-    missing, stages = plan(paths, profile)
+def _stop(what: str, stage: str | None, paths: list[Path], profile: str, graph: dict) -> None:
+    missing, stages = plan(paths, profile, graph)
     if not missing:
         return
     if not stages:
@@ -94,27 +96,29 @@ def _stop(what: str, stage: str | None, paths: list[Path], profile: str) -> None
                             f"(git checkout -- {_rel(missing[0])})")
     also = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
     alt = " (or, in the repository: python -m nifi_utils.lab prepare)" if profile == "tiny" else ""
-    raise MissingInputs(f"{what} needs {_rel(missing[0])}{also} (profile {profile}; {'stages' if len(stages) > 1 else 'stage'} {', '.join(stages)}): "
+    raise MissingInputs(f"{what} needs {_rel(missing[0])}{also} (profile {profile}; "
+                        f"{'stages' if len(stages) > 1 else 'stage'} {', '.join(stages)}): "
                         f"run `{first_command(stage, stages, profile)}` first{alt}")
 
 
 def require_inputs(stage: str, profile: str) -> None:
     """Stop (one line, nothing written) when an input of `stage` that another stage makes is missing."""
-    producers = _producers(profile)
-    _stop(f"notebook {stage_spec(stage, profile).notebook.stem}", stage,
-          [d for d in _deps(stage, profile) if d in producers], profile)
+    graph = _graph(profile)
+    _stop(f"notebook {stage_spec(stage, profile).notebook.stem}", stage, _upstream(stage, graph), profile, graph)
 
 
 def require_outputs(stages: list[str], profile: str, what: str = "this notebook") -> None:
     """Stop (one line) when an output of one of `stages` is missing."""
-    _stop(what, None, [o for s in stages for o in stage_spec(s, profile).outs], profile)
+    graph = _graph(profile)
+    _stop(what, None, [o for s in stages for o in graph[s][1]], profile, graph)
 
 
 def pick_profile(stages: list[str], profiles: tuple[str, ...] = ("cpu", "tiny")) -> str:
     """The first profile whose `stages` have all their outputs (the cpu run `make repro` leaves, else the tiny one
     `make lab` prepares); with none, one line saying how to get them."""
     for p in profiles:
-        if not any(missing_outputs(s, p) for s in stages):
+        graph = _graph(p)
+        if not any(missing_outputs(s, p, graph) for s in stages):
             return p
     raise MissingInputs(f"no outputs of {', '.join(profiles)} for {', '.join(stages)} yet: run `make lab` first "
                         f"(the tiny profile, a few minutes) or `make repro` (the cpu profile, ~30 min)")
@@ -127,11 +131,11 @@ def prepare(profile: str = "tiny", stage: str | None = None, run=None) -> list[s
         from .run import run_stage
 
         run = lambda s: run_stage(s, profile, log_output=False)  # noqa: E731
+    graph = _graph(profile)
     if stage is None:
-        todo = [s for s in _stages() if missing_outputs(s, profile)]
+        todo = [s for s in graph if missing_outputs(s, profile, graph)]
     else:
-        producers = _producers(profile)
-        todo = plan([d for d in _deps(stage, profile) if d in producers], profile)[1]
+        todo = plan(_upstream(stage, graph), profile, graph)[1]
     for s in todo:
         run(s)
     return todo
