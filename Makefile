@@ -46,14 +46,14 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # JupyterLab on the repository, opened at the tour: first the tiny profile's stage outputs that the notebooks' committed
-# parameters read (`python -m nifi_utils.lab prepare`: ~3 min on 2 cores, once; nothing reruns while they are there),
+# parameters read (`python -m nifi_utils.lab prepare`: a few minutes on 2 cores, once; nothing reruns while they are there),
 # then the server on localhost, printing its URL with the token; no browser is started (open the URL yourself).
 # As root (containers, CI) JupyterLab refuses to start without --allow-root.
 LAB_PORT ?= 8888
 lab: setup
 	$(BIN)/python -m nifi_utils.lab prepare --profile tiny
 	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.root_dir=$(CURDIR) \
-	  $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/tour.ipynb
+	  --LabApp.default_url=/lab/tree/notebooks/tour.ipynb $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: setup
 	$(BIN)/python benchmarks/render.py
