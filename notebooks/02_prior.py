@@ -40,6 +40,10 @@
 # **Runtime.** `tiny` ~15 s · `cpu` ~60 min on 2 cores (corpus 4 min, autoencoder 6 min, transformer
 # 45 min; `python -m nifi_utils.run prior && dvc commit -f prior`; `make repro` uses the committed
 # weights) · `paper`: seconds.
+#
+# **Opened in JupyterLab** (tiny parameters) it trains the tiny prior again and writes it over the committed
+# `data/tiny/prior/`: `git status` shows the change and `git checkout -- data/tiny/prior reports/tiny` restores the
+# committed one.
 
 # %% tags=["parameters"]
 profile = "tiny"
