@@ -278,7 +278,7 @@ def test_every_stage_notebook_runs_from_jupyterlabs_folder_in_any_order(tiny_lab
     """After `make lab`: each stage notebook, opened on its own with its committed parameters, runs top to bottom
     (last stage first, so no notebook relies on an earlier one having just run)."""
     for stem in reversed(list(STAGE_NOTEBOOKS)):
-        r = _execute(tiny_lab, stem)
+        r = _execute(tiny_lab, stem, timeout=900)
         assert r.returncode == 0, f"{stem}: {r.stderr[-3000:]}"
         code, errors, _ = _outputs(json.loads((tiny_lab / "notebooks" / f"{stem}.ipynb").read_text()))
         assert not errors and all(c["execution_count"] for c in code), stem
