@@ -114,7 +114,8 @@ from nifi_utils.lab import require_inputs
 from nifi_utils.metrics import METRIC_BACKENDS, periodic_artifact, psnr, stlpips
 from nifi_utils.restorer import Restorer, load_embeddings
 
-require_inputs("prior", profile)  # an upstream output missing: one line naming what to run first, nothing written
+if source == "train":  # training reads the scenes and renders (dvc.yaml); `sd3` only checks the SD3 folder
+    require_inputs("prior", profile)  # an upstream output missing: one line naming what to run first, nothing written
 out_dir = repo_path("data", profile, "prior")
 report_path = repo_path("reports", profile, "prior.json")
 fig_path = repo_path("reports", profile, "figures", "prior.png")
