@@ -1,5 +1,5 @@
-# The lab's two commands: `make repro` (the cpu pipeline) and `make test`.
-# Both create .venv and install the pinned stack first; set-up is skipped when up to date.
+# The lab's three commands: `make repro` (the cpu pipeline), `make test` and `make lab` (JupyterLab, ready to run).
+# Each creates .venv and installs the pinned stack first; set-up is skipped when up to date.
 SHELL := /bin/bash
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast bench notebooks clean-venv
+.PHONY: setup repro test test-fast lab bench notebooks clean-venv
 
 setup: $(STAMP)
 
@@ -44,6 +44,16 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# JupyterLab on the repository, opened at the tour: first the tiny profile's stage outputs that the notebooks' committed
+# parameters read (`python -m nifi_utils.lab prepare`: a few minutes on 2 cores, once; nothing reruns while they are there),
+# then the server on localhost, printing its URL with the token; no browser is started (open the URL yourself).
+# As root (containers, CI) JupyterLab refuses to start without --allow-root.
+LAB_PORT ?= 8888
+lab: setup
+	$(BIN)/python -m nifi_utils.lab prepare --profile tiny
+	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.root_dir=$(CURDIR) \
+	  --LabApp.default_url=/lab/tree/notebooks/tour.ipynb $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: setup
 	$(BIN)/python benchmarks/render.py

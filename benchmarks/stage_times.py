@@ -1,10 +1,10 @@
-"""The README's stage-time table, made from what the runs measured (reports/<profile>/timings.json).
+"""The stage-time table of docs/pipeline.md, made from what the runs measured (reports/<profile>/timings.json).
 
 `python -m nifi_utils.run <stage>` (so every `dvc repro`) records each stage's wall time, with the machine's
 load at its start and end, into reports/<profile>/timings.json. This prints them as a markdown table and, with
-`--readme`, writes it into README.md between the `<!-- stage-times:begin -->` / `<!-- stage-times:end -->` lines.
+`--write`, writes it into docs/pipeline.md between the `<!-- stage-times:begin -->` / `<!-- stage-times:end -->` lines.
 
-    python benchmarks/stage_times.py [--profile cpu] [--readme]
+    python benchmarks/stage_times.py [--profile cpu] [--write]
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["scenes", "synthesis", "prior", "distill", "refine", "benchmark", "plots", "viewer"]
+PAGE = ROOT / "docs" / "pipeline.md"
 BEGIN, END = "<!-- stage-times:begin -->", "<!-- stage-times:end -->"
 
 
@@ -41,7 +42,8 @@ def table(timings: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--readme", action="store_true", help="write the table into README.md between the markers")
+    ap.add_argument("--write", "--readme", dest="write", action="store_true",
+                    help="write the table into docs/pipeline.md between the markers (--readme: its old name)")
     args = ap.parse_args(argv)
     path = ROOT / "reports" / args.profile / "timings.json"
     if not path.is_file():
@@ -49,15 +51,14 @@ def main(argv=None) -> int:
         return 2
     text = table(json.loads(path.read_text()))
     print(text)
-    if args.readme:
-        readme = ROOT / "README.md"
-        s = readme.read_text()
+    if args.write:
+        s = PAGE.read_text()
         if BEGIN not in s or END not in s:
-            print(f"error: README.md lacks the {BEGIN} / {END} lines", file=sys.stderr)
+            print(f"error: {PAGE.relative_to(ROOT)} lacks the {BEGIN} / {END} lines", file=sys.stderr)
             return 2
         a, b = s.index(BEGIN) + len(BEGIN), s.index(END)
-        readme.write_text(s[:a] + "\n" + text + "\n" + s[b:])
-        print("-> README.md")
+        PAGE.write_text(s[:a] + "\n" + text + "\n" + s[b:])
+        print(f"-> {PAGE.relative_to(ROOT)}")
     return 0
 
 

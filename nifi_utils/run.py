@@ -38,7 +38,7 @@ def prepare_outputs(outs: list[Path]) -> None:
 
 def record_timing(profile: str, stage: str, seconds: float, load_start: float, load_end: float) -> Path:
     """Merge one stage's wall time into reports/<profile>/timings.json (committed, not a DVC output: every stage
-    writes its own entry, so the README's stage table is made from what the last runs measured)."""
+    writes its own entry, so docs/pipeline.md's stage table is made from what the last runs measured)."""
     import datetime
     import json
 

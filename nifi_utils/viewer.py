@@ -427,10 +427,11 @@ class Browser:
     """Headless Chromium driven over the DevTools protocol on a pipe (no port, no extra package).
 
     Software WebGL (SwiftShader), network off (every request goes to a dead proxy): a page that
-    needs anything beyond ``file://`` and ``data:`` fails to draw.
+    needs anything beyond ``file://`` and ``data:`` fails to draw. ``loopback=True`` lets requests to this
+    machine through (a local server, e.g. JupyterLab's in tests/test_lab.py); the rest stays cut.
     """
 
-    def __init__(self, width: int = 800, height: int = 600, exe: str | None = None):
+    def __init__(self, width: int = 800, height: int = 600, exe: str | None = None, loopback: bool = False):
         exe = exe or chromium_path()
         if exe is None:
             raise NifiError("chromium not found (Debian: apt-get install chromium)")
@@ -445,7 +446,9 @@ class Browser:
             os.dup2(b, 4)
 
         args = [exe, "--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                "--ignore-gpu-blocklist", "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+                "--ignore-gpu-blocklist", "--proxy-server=127.0.0.1:9",
+                # Chromium sends loopback past any proxy unless told `<-loopback>`
+                *([] if loopback else ["--proxy-bypass-list=<-loopback>"]),
                 "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--mute-audio",
                 f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}",
                 "--remote-debugging-pipe", "about:blank"]

@@ -47,8 +47,10 @@ import shutil
 import time
 
 from nifi_utils.common import pick_device, progress, provenance, repo_path
+from nifi_utils.lab import require_inputs
 from nifi_utils.scenes import SceneSpec, build_scenes, contact_sheet, import_colmap_scene, scene_seeds
 
+require_inputs("scenes", profile)  # an upstream output missing: one line naming what to run first, nothing written
 out_root = repo_path("data", profile, "scenes")
 report_path = repo_path("reports", profile, "scenes.json")
 sheet_path = repo_path("reports", profile, "figures", "scenes_contact_sheet.png")
@@ -76,7 +78,7 @@ if source == "procedural":
     records = build_scenes(specs, out_root, gt_supersample, device, workers if device.type == "cpu" else 1)
 elif source == "colmap":
     if not datasets:
-        raise ValueError("scenes.datasets is empty: list your COLMAP scenes in conf/profile/paper.yaml (see README)")
+        raise ValueError("scenes.datasets is empty: list your COLMAP scenes in conf/profile/paper.yaml (see docs/gpu.md)")
     for d in progress(datasets, desc="scenes"):
         folder = import_colmap_scene(d["name"], d["colmap_dir"], d["ply"], out_root / d["name"], d.get("images", "images"),
                                      width, d.get("split", "eval"))

@@ -40,6 +40,10 @@
 # **Runtime.** `tiny` ~15 s · `cpu` ~60 min on 2 cores (corpus 4 min, autoencoder 6 min, transformer
 # 45 min; `python -m nifi_utils.run prior && dvc commit -f prior`; `make repro` uses the committed
 # weights) · `paper`: seconds.
+#
+# **Opened in JupyterLab** (tiny parameters) it trains the tiny prior again and writes it over the committed
+# `data/tiny/prior/`: `git status` shows the change and `git checkout -- data/tiny/prior reports/tiny` restores the
+# committed one.
 
 # %% tags=["parameters"]
 profile = "tiny"
@@ -106,9 +110,12 @@ import torch
 from PIL import Image
 
 from nifi_utils.common import provenance, repo_path, seed_everything
+from nifi_utils.lab import require_inputs
 from nifi_utils.metrics import METRIC_BACKENDS, periodic_artifact, psnr, stlpips
 from nifi_utils.restorer import Restorer, load_embeddings
 
+if source == "train":  # training reads the scenes and renders (dvc.yaml); `sd3` only checks the SD3 folder
+    require_inputs("prior", profile)  # an upstream output missing: one line naming what to run first, nothing written
 out_dir = repo_path("data", profile, "prior")
 report_path = repo_path("reports", profile, "prior.json")
 fig_path = repo_path("reports", profile, "figures", "prior.png")
@@ -131,7 +138,7 @@ if source == "sd3":
     # before hours of synthesis
     for emb in (sd3_embeddings, base / "embeddings" / "default.npz", base / "embeddings" / "null.npz"):
         assert Path(emb).is_file(), (f"prompt embeddings {emb} missing: encode NiFi's default prompt and the empty prompt "
-                                     "with SD3's text encoders (keys prompt_embeds, pooled_prompt_embeds; see README)")
+                                     "with SD3's text encoders (keys prompt_embeds, pooled_prompt_embeds; see docs/gpu.md)")
         pe, pp = load_embeddings(emb)
         assert pe.shape[-1] == tcfg["joint_attention_dim"] and pp.shape[-1] == tcfg["pooled_projection_dim"], f"{emb} does not fit SD3"
     pe, pp = load_embeddings(sd3_embeddings)

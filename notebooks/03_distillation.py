@@ -88,11 +88,13 @@ import torch
 from nifi_utils.common import pick_device, provenance, repo_path
 from nifi_utils.distill import (DistillConfig, HeldoutEval, PairSet, config_dict, heldout_pairs, judge_metric,
                                 launch_variants, train_variants)
+from nifi_utils.lab import require_inputs
 from nifi_utils.launch import check_processes
 from nifi_utils.metrics import METRIC_BACKENDS, image_metrics
 from nifi_utils.regression import RegressionConfig, load_regression
 from nifi_utils.restorer import Restorer
 
+require_inputs("distill", profile)  # an upstream output missing: one line naming what to run first, nothing written
 judge = judge_metric(perceptual)  # the held-out judge: the perceptual network no restorer here trains on
 print(f"trained on {perceptual}; judged on {judge} (held out)")
 

@@ -47,9 +47,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
+from nifi_utils.lab import require_inputs
 from nifi_utils.refine import (RefineConfig, content_frame, load_restorer, orbit_cameras, refine_many, render_all,
                                restore_views)
 
+require_inputs("refine", profile)  # an upstream output missing: one line naming what to run first, nothing written
 t_start = time.time()
 seed_everything(seed)
 dev = pick_device(device)

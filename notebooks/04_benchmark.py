@@ -54,8 +54,10 @@ import numpy as np
 
 from nifi_utils import benchmark as B
 from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
+from nifi_utils.lab import require_inputs
 from nifi_utils.metrics import METRIC_BACKENDS, metric_available
 
+require_inputs("benchmark", profile)  # an upstream output missing: one line naming what to run first, nothing written
 t_start = time.time()
 seed_everything(seed)
 dev = pick_device(device)

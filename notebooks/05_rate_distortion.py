@@ -41,7 +41,9 @@ import pandas as pd
 
 from nifi_utils import plots
 from nifi_utils.common import provenance, repo_path
+from nifi_utils.lab import require_inputs
 
+require_inputs("plots", profile)  # an upstream output missing: one line naming what to run first, nothing written
 csv_path = repo_path("reports", profile, "benchmark.csv")
 data_root = repo_path("data", profile)
 fig_dir = repo_path("reports", profile, "figures")
