@@ -74,7 +74,10 @@ def test_export_is_the_official_format_and_reloads(tmp_path):
     d.train(_pairs(), 2)
     d.export(tmp_path / "nifi.pt")
     sd = torch.load(tmp_path / "nifi.pt", weights_only=True)
-    assert set(sd) == {"vae", "transformer"} and sd["vae"] and sd["transformer"]
+    # the official entries, plus "nifi": how the checkpoint was trained (plain values; the official loader reads
+    # only 'vae' and 'transformer')
+    assert set(sd) == {"vae", "transformer", "nifi"} and sd["vae"] and sd["transformer"]
+    assert sd["nifi"]["t0"] == d.cfg.t0 and sd["nifi"]["latent"] == d.cfg.latent and sd["nifi"]["vae_lora"] == "encoder"
     r = Restorer.from_pretrained(tmp_path / "prior").load_lora(tmp_path / "nifi.pt")
     img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(r.restore(img, seed=3), d.r.restore(img, seed=3), atol=1e-5)
