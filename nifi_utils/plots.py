@@ -61,11 +61,12 @@ def method_label(method: str) -> str:
 
 
 def method_sort_key(method: str) -> tuple:
-    """Paper order: 3DGS, compressed, BM3D, Img2Img, external restorers, NiFi variants."""
+    """Paper order: 3DGS, compressed, BM3D, regression, Img2Img, external restorers, NiFi variants."""
+    k = METHOD_ORDER.index("img2img") + 1  # external restorers go right after the baselines
     if method in METHOD_ORDER:
         i = METHOD_ORDER.index(method)
-        return (i if i < 4 else i + 1, "")
-    return (4, method)
+        return (i if i < k else i + 1, "")
+    return (k, method)
 
 
 def method_color(method: str) -> str:
