@@ -16,6 +16,19 @@ class NifiError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits non-zero."""
 
 
+def load_weights(path: str | os.PathLike, missing: str = "checkpoint not found: {path}"):
+    """`torch.load(path, weights_only=True)` on the CPU; a missing or unreadable file is one NifiError line
+    (`missing` formats the first case, so each caller can say how to get the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NifiError(missing.format(path=path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise NifiError(f"{path}: not a loadable checkpoint ({type(e).__name__}{': ' + why if why else ''})") from None
+
+
 def repo_path(*parts: str | os.PathLike) -> Path:
     """Resolve a path from the repository root (notebooks never chdir)."""
     p = Path(*parts)

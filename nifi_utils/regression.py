@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import NifiError, progress
+from .common import NifiError, load_weights, progress
 
 
 @dataclass
@@ -110,12 +110,7 @@ def save_regression(model: RegressionUNet, cfg: RegressionConfig, path: str | Pa
 def load_regression(path: str | Path, device="cpu") -> RegressionUNet:
     """The network a `save_regression` file holds, built from the config it carries."""
     path = Path(path)
-    if not path.is_file():
-        raise NifiError(f"regression checkpoint not found: {path} (the distill stage writes it: variant `regression`)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise NifiError(f"{path}: not a loadable checkpoint ({type(e).__name__})") from None
+    ck = load_weights(path, "regression checkpoint not found: {path} (the distill stage writes it: variant `regression`)")
     if not isinstance(ck, dict) or "regression" not in ck or "config" not in ck:
         keys = list(ck)[:5] if isinstance(ck, dict) else type(ck).__name__
         raise NifiError(f"{path}: not a regression restorer (expected keys 'regression' and 'config', got {keys})")

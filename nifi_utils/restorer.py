@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import NifiError
+from .common import NifiError, load_weights
 
 TRANSFORMER_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj",
                             "linear", "proj_out"]
@@ -69,10 +69,7 @@ def lora_mode_of(vae_keys) -> str:
 
 def checkpoint_meta(path: str | Path) -> dict:
     """A restorer checkpoint's "nifi" entry (how it was trained: t0, latent, vae_lora, ...); {} if it has none."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise NifiError(f"{path}: not a loadable checkpoint ({type(e).__name__})") from None
+    ck = load_weights(path)
     meta = ck.get("nifi", {}) if isinstance(ck, dict) else {}
     return dict(meta) if isinstance(meta, dict) else {}
 
@@ -296,13 +293,7 @@ class Restorer:
         Adapters are created with the checkpoint's rank, read from the tensors (alpha = rank, as in the
         paper, unless `alpha_over_rank` says otherwise)."""
         path = Path(path)
-        if not path.is_file():
-            raise NifiError(f"checkpoint not found: {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-            why = (str(e).strip().splitlines() or [""])[0][:120]
-            raise NifiError(f"{path}: not a loadable checkpoint ({type(e).__name__}{': ' + why if why else ''})") from None
+        ckpt = load_weights(path)
         if not isinstance(ckpt, dict) or set(ckpt) - {"vae", "transformer", "nifi"} or "transformer" not in ckpt:
             keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
             raise NifiError(f"{path}: expected a dict with keys 'vae' and 'transformer', got {keys}")
