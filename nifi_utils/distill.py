@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .common import NifiError, progress
 from .launch import batch_share
+from .metrics import perceptual_fn  # noqa: F401  (the loss lives with the metrics; re-exported)
 from .restorer import CRITIC_LORA_TARGETS, VAE_LORA_MODES, Restorer
 
 
@@ -123,22 +124,6 @@ class PairSet:
         lq = torch.stack([self.lq[i, :, y:y + c, x:x + c] for i, y, x in zip(idx, ys, xs)])
         hq = torch.stack([self.hq[i, :, y:y + c, x:x + c] for i, y, x in zip(idx, ys, xs)])
         return lq.float() / 255, hq.float() / 255
-
-
-# ---------------------------------------------------------------------- perceptual loss
-def perceptual_fn(name: str, device):
-    """Differentiable perceptual distance on [0,1] images (mean over the batch)."""
-    if name.startswith("stlpips_"):
-        from .metrics import stlpips_model
-
-        model = stlpips_model(name.split("_", 1)[1], str(device))
-        return lambda a, b: model(a, b, normalize=True).mean()
-    if name.startswith("lpips_"):
-        from .metrics import lpips_model
-
-        model = lpips_model(name.split("_", 1)[1], str(device))  # clear error where the weights are absent
-        return lambda a, b: model(a, b, normalize=True).mean()
-    raise NifiError(f"unknown perceptual loss {name!r}")
 
 
 # ---------------------------------------------------------------------- the lattice term

@@ -261,6 +261,17 @@ def periodic_artifact(img, period: int = 8, ring: tuple[int, int] = (2, 5)) -> t
     return torch.log10(torch.stack(ratios, 1)).mean(1).float()
 
 
+def perceptual_fn(name: str, device):
+    """Differentiable perceptual distance on [0,1] images (mean over the batch)."""
+    if name.startswith("stlpips_"):
+        model = stlpips_model(name.split("_", 1)[1], str(device))
+        return lambda a, b: model(a, b, normalize=True).mean()
+    if name.startswith("lpips_"):
+        model = lpips_model(name.split("_", 1)[1], str(device))  # clear error where the weights are absent
+        return lambda a, b: model(a, b, normalize=True).mean()
+    raise NifiError(f"unknown perceptual loss {name!r}")
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None] if x.shape[1] == 3 else x.mean(1, keepdim=True)
 

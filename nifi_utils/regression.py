@@ -131,7 +131,7 @@ def train_regression(name: str, cfg: RegressionConfig, out_path: str | Path, pai
     import resource
 
     from .common import seed_everything
-    from .distill import perceptual_fn
+    from .metrics import perceptual_fn
 
     seed_everything(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)  # NiFi's stream: the same pairs and crops in the same order
