@@ -127,6 +127,7 @@ def _refine(args) -> int:
     from .common import pick_device, repo_path
     from .params import stage_params
     from .refine import RefineConfig, refine_file
+    from .restorer import checkpoint_meta
 
     out = Path(args.out)
     if out.suffix.lower() != ".ply":
@@ -145,7 +146,8 @@ def _refine(args) -> int:
     ckpt = repo_path(args.ckpt) if args.ckpt else (repo_path(DEFAULT_CKPT) if args.base_model == DEFAULT_BASE else None)
     if ckpt is None:
         raise NifiError("--refine with another --base-model needs --ckpt (the restorer LoRA distilled from that prior)")
-    use = _restore_settings(ckpt, args.t0, None)  # the checkpoint's own t0 and latent mode unless --t0 says
+    # the checkpoint's own t0 and latent mode unless --t0 says
+    use = _restore_settings(checkpoint_meta(ckpt) if ckpt.is_file() else {}, args.t0, None)
     cfg = RefineConfig.from_params({**over, "t0": use["t0"], "latent": "sample" if use["sample"] else "mean",
                                     "seed": args.seed})
     device = pick_device(args.device)
@@ -200,15 +202,11 @@ def _parse_t0(text):
     return t0
 
 
-def _restore_settings(ckpt: Path | None, t0_arg, latent_arg) -> dict:
-    """{'t0', 'sample'}: what the checkpoint says it was trained with (its "nifi" entry; the official t0 199 and a
-    posterior sample for a file that does not say), overridden by --t0 / --latent where given."""
-    from .restorer import checkpoint_meta
+def _restore_settings(meta: dict, t0_arg, latent_arg) -> dict:
+    """{'t0', 'sample'}: the checkpoint's own (`restorer.restore_settings`), overridden by --t0 / --latent where given."""
+    from .restorer import restore_settings
 
-    meta = checkpoint_meta(ckpt) if ckpt is not None and ckpt.is_file() else {}
-    t0 = _parse_t0(t0_arg) if t0_arg is not None else meta.get("t0", 199)
-    latent = latent_arg or meta.get("latent", "sample")
-    return {"t0": t0, "sample": latent == "sample"}
+    return restore_settings(meta, ... if t0_arg is None else _parse_t0(t0_arg), latent_arg)
 
 
 def cmd_restore(args) -> int:
@@ -259,7 +257,7 @@ def cmd_restore(args) -> int:
                             f"--ckpt FILE; --ckpt none runs the prior without LoRA)")
         r.load_lora(ckpt)
     r.to(device, DTYPES[args.dtype])
-    use = _restore_settings(ckpt, args.t0, args.latent)
+    use = _restore_settings(r.meta, args.t0, args.latent)  # the loaded checkpoint's "nifi" entry ({} if none)
     images = [read_image(p) for p in inputs]  # validate every input before writing anything
     t_start = time.time()
     with staged() as st:  # every image appears at the end, or none (a failure half way leaves no partial set)

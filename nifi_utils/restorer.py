@@ -74,6 +74,13 @@ def checkpoint_meta(path: str | Path) -> dict:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
+def restore_settings(meta: dict, t0=..., latent: str | None = None) -> dict:
+    """{'t0', 'sample'} to restore with: a checkpoint's "nifi" entry (the official t0 199 and a posterior sample for a
+    file that does not say), overridden by `t0` (None: w/o t0) and `latent` where given."""
+    t0 = meta.get("t0", 199) if t0 is ... else t0
+    return {"t0": t0, "sample": (latent or meta.get("latent", "sample")) == "sample"}
+
+
 def load_embeddings(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds [1,L,D], pooled_prompt_embeds [1,P]) from an `.npz` with the official keys."""
     path = Path(path)
@@ -282,10 +289,8 @@ class Restorer:
         return path
 
     def restore_defaults(self) -> dict:
-        """What the loaded checkpoint was trained with: {'t0': ..., 'sample': ...} (the official t0 199 and a
-        posterior sample for a checkpoint that does not say)."""
-        return {"t0": self.meta.get("t0", 199) if self.meta else 199,
-                "sample": self.meta.get("latent", "sample") == "sample"}
+        """What the loaded checkpoint was trained with (`restore_settings` of its "nifi" entry)."""
+        return restore_settings(self.meta)
 
     def load_lora(self, path: str | Path, alpha_over_rank: float = 1.0) -> "Restorer":
         """Load a restorer checkpoint (weights_only): the official form (model state-dict keys with the adapter
