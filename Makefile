@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 setup: $(STAMP)
 
 # offline `dvc plots show/diff`: pinned vega libraries from npm, inlined into a DVC HTML template
-# (nifi_utils/plots_offline.py); DVC resolves plots.html_template relative to .dvc/
+# (nifi_utils/pipeline/plots_offline.py); DVC resolves plots.html_template relative to .dvc/
 VEGA_NPM := vega@5.33.1 vega-lite@5.23.0 vega-embed@6.29.0
 # the 3DGS ecosystem's converter (.spz/.sog/compressed.ply codec anchors, the offline HTML viewer)
 SPLAT_NPM := @playcanvas/splat-transform@3.7.0
@@ -28,7 +28,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.tom
 	@git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install --attributes .gitattributes >/dev/null 2>&1 || true
 	@if ! command -v npm >/dev/null 2>&1; then echo "warning: npm not found: dvc plots show/diff will load vega from the CDN (blank offline)"; \
 	elif npm install --prefix $(NPM_DIR) --no-audit --no-fund --silent --save-exact $(VEGA_NPM) \
-	  && $(BIN)/python -m nifi_utils.plots_offline --node-modules $(NPM_DIR)/node_modules --out $(PLOTS_TEMPLATE) >/dev/null; then \
+	  && $(BIN)/python -m nifi_utils.pipeline.plots_offline --node-modules $(NPM_DIR)/node_modules --out $(PLOTS_TEMPLATE) >/dev/null; then \
 	  test ! -d .dvc || $(BIN)/dvc config --local plots.html_template ../$(PLOTS_TEMPLATE); \
 	else echo "warning: npm install $(VEGA_NPM) failed: dvc plots show/diff will load vega from the CDN (blank offline)"; fi
 	@if command -v npm >/dev/null 2>&1 && ! npm install --prefix $(NPM_DIR) --no-audit --no-fund --silent --save-exact $(SPLAT_NPM); then \
@@ -46,12 +46,12 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # JupyterLab on the repository, opened at the tour: first the tiny profile's stage outputs that the notebooks' committed
-# parameters read (`python -m nifi_utils.lab prepare`: a few minutes on 2 cores, once; nothing reruns while they are there),
+# parameters read (`python -m nifi_utils.pipeline.lab prepare`: a few minutes on 2 cores, once; nothing reruns while they are there),
 # then the server on localhost, printing its URL with the token; no browser is started (open the URL yourself).
 # As root (containers, CI) JupyterLab refuses to start without --allow-root.
 LAB_PORT ?= 8888
 lab: setup
-	$(BIN)/python -m nifi_utils.lab prepare --profile tiny
+	$(BIN)/python -m nifi_utils.pipeline.lab prepare --profile tiny
 	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.root_dir=$(CURDIR) \
 	  --LabApp.default_url=/lab/tree/notebooks/tour.ipynb $(if $(filter 0,$(shell id -u)),--allow-root)
 

@@ -4,7 +4,7 @@ On the `cpu` profile's bitstreams (run `dvc repro synthesis` first; falls back t
 scene): for every level of one evaluation scene, decode the `.nifi`, re-encode it and report
 - the file against the entropy bound (N * H of the quantized symbols under their empirical
   histograms + those histograms + header), for the auto model choice and for histograms only;
-- anchors on the same decoded Gaussians (`nifi_utils.codec_anchors`): `.spz`, `.sog` and
+- anchors on the same decoded Gaussians (`nifi_utils.eval.anchors`): `.spz`, `.sog` and
   `.compressed.ply` from the pinned splat-transform (bytes and test-view PSNR; skipped rows with the
   reason where it is absent), and zstd (level 19) / lzma (preset 9e) on our symbols packed
   channel-major; for the main scene in detail and for every evaluation scene's levels in `anchors`;
@@ -48,8 +48,9 @@ def by_attribute(per_channel: dict) -> dict:
 
 
 def level_row(scene, deg, bits, pos_bits, ply_bytes):
-    from nifi_utils import codec, codec_v1
-    from nifi_utils.codec_anchors import packed_symbols, raw_symbols, symbol_anchor_rows
+    from nifi_utils import codec_v1
+    from nifi_utils.codec import container as codec
+    from nifi_utils.eval.anchors import packed_symbols, raw_symbols, symbol_anchor_rows
 
     enc, t_enc = timed(lambda: codec.encode_scene(scene, sh_degree=deg, bits=bits, pos_bits=pos_bits))
     dec, t_dec = timed(lambda: codec.decode_bytes(enc.data), repeats=5)
@@ -85,9 +86,9 @@ def level_row(scene, deg, bits, pos_bits, ply_bytes):
 
 def pos_bits_sweep(scene, deg, cams, bg, bits_list=(8, 9, 10, 11, 12, 14, 16)):
     """Only positions quantized (other channels float): isolates the position error."""
-    from nifi_utils import codec
-    from nifi_utils.metrics import psnr
-    from nifi_utils.render import render
+    from nifi_utils.codec import container as codec
+    from nifi_utils.measure.metrics import psnr
+    from nifi_utils.gs.render import render
 
     def imgs(s):
         with torch.no_grad():
@@ -110,10 +111,10 @@ def pos_bits_sweep(scene, deg, cams, bg, bits_list=(8, 9, 10, 11, 12, 14, 16)):
 
 def anchor_rows(data: Path, scenes: list[str], p: dict) -> list[dict]:
     """codec_anchors on every level of every listed scene's bitstreams, PSNR on its test views."""
-    from nifi_utils import codec
-    from nifi_utils.codec_anchors import codec_anchors
-    from nifi_utils.scenes import read_transforms
-    from nifi_utils.synthesis import load_images
+    from nifi_utils.codec import container as codec
+    from nifi_utils.eval.anchors import codec_anchors
+    from nifi_utils.gs.scenes import read_transforms
+    from nifi_utils.pipeline.synthesis import load_images
 
     rows = []
     for name in scenes:
@@ -152,10 +153,10 @@ def anchor_summary(rows: list[dict]) -> dict:
 
 
 def main():
-    from nifi_utils import codec
-    from nifi_utils.common import provenance
-    from nifi_utils.params import stage_params
-    from nifi_utils.scenes import SceneSpec, generate_scene, load_scene_folder
+    from nifi_utils.codec import container as codec
+    from nifi_utils.core.common import provenance
+    from nifi_utils.pipeline.params import stage_params
+    from nifi_utils.gs.scenes import SceneSpec, generate_scene, load_scene_folder
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="cpu")

@@ -35,7 +35,7 @@ METRICS = ("stlpips_alex", "stlpips_vgg", "psnr", "ssim")
 
 
 def load_run(root: Path, profile: str) -> dict:
-    from nifi_utils.common import NifiError
+    from nifi_utils.core.common import NifiError
 
     rep = root / "reports" / profile / "distill.json"
     if not rep.is_file():
@@ -57,8 +57,8 @@ def pairs_digest(root: Path, profile: str) -> str:
 def per_image(run: dict, variant: str, held) -> dict:
     """Per-image held-out scores of `run`'s `variant` restorer (numpy arrays); `held` a `HeldoutEval` of seed 0
     that restores in each variant's own latent mode, as the distill stage scores it."""
-    from nifi_utils.metrics import image_metrics, periodic_artifact
-    from nifi_utils.restorer import Restorer
+    from nifi_utils.measure.metrics import image_metrics, periodic_artifact
+    from nifi_utils.models.restorer import Restorer
 
     cfg = run["report"]["variants"][variant]["config"]
     r = Restorer.from_pretrained(ROOT / run["report"]["base_model"]).load_lora(run["restorers"][variant])
@@ -80,7 +80,7 @@ def weight_distance(a: Path, b: Path) -> float:
 def compare(base: dict, other: dict, variant: str, scores: dict, name: str) -> dict:
     import numpy as np
 
-    from nifi_utils.stats import interval, scene_view_bootstrap
+    from nifi_utils.measure.stats import interval, scene_view_bootstrap
 
     res = {"weights_relative_l2": round(weight_distance(base["restorers"][variant], other["restorers"][variant]), 6)}
     for k in (*METRICS, "lattice_excess"):
@@ -101,10 +101,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill_processes2.json")
     args = ap.parse_args(argv)
 
-    from nifi_utils.common import NifiError, provenance
-    from nifi_utils.distill import HeldoutEval, PairSet, heldout_pairs
-    from nifi_utils.metrics import METRIC_BACKENDS
-    from nifi_utils.params import stage_params
+    from nifi_utils.core.common import NifiError, provenance
+    from nifi_utils.models.distill import HeldoutEval, PairSet, heldout_pairs
+    from nifi_utils.measure.metrics import METRIC_BACKENDS
+    from nifi_utils.pipeline.params import stage_params
 
     try:
         runs = {"one": load_run(args.one.resolve(), args.profile), "two": load_run(args.two.resolve(), args.profile)}

@@ -46,7 +46,7 @@ def timed(fn, repeats: int = 3) -> dict:
 
 
 def sd3_medium_shaped():
-    from nifi_utils.models import TinySD3Config, tiny_sd3
+    from nifi_utils.models.folders import TinySD3Config, tiny_sd3
 
     with torch.device("cuda"):  # built on the GPU: 2 B parameters initialise in seconds there
         r = tiny_sd3(TinySD3Config(**SD3_MEDIUM), seed=0)
@@ -73,7 +73,7 @@ def restorer_cases(out: dict) -> None:
 def distill_case(out: dict, perceptual: str = "stlpips_alex", lattice_weight: float = 0.0) -> None:
     import numpy as np
 
-    from nifi_utils.distill import Distiller, DistillConfig, PairSet
+    from nifi_utils.models.distill import Distiller, DistillConfig, PairSet
 
     r = sd3_medium_shaped()
     g = torch.Generator().manual_seed(0)
@@ -102,7 +102,7 @@ def distill_case(out: dict, perceptual: str = "stlpips_alex", lattice_weight: fl
 def gsplat_case(out: dict) -> None:
     from conftest import front_camera, random_scene
 
-    from nifi_utils.render import rasterization
+    from nifi_utils.gs.render import rasterization
 
     rows = []
     for res, n in ((128, 3000), (512, 30000)):

@@ -3,7 +3,7 @@
 Short distillation runs from the same prior, pairs and seed, one per variant (the profile's `distill` section
 with single overrides), scored on the training scenes' held-out test views: ST-LPIPS alex (the
 training loss's metric), ST-LPIPS vgg (never trained on), PSNR, SSIM and the periodic-artifact excess over the
-ground truth (`nifi_utils.metrics.periodic_artifact`; 0: no lattice), every `--eval-every` steps for alex and
+ground truth (`nifi_utils.measure.metrics.periodic_artifact`; 0: no lattice), every `--eval-every` steps for alex and
 the lattice, at the start and the end for all. The compressed inputs are the row to beat.
 
 Variants (overrides of the base config): the loss terms one by one (`no_tsd`, `no_perc`, `l2_only`), the
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
 
-    from nifi_utils.common import provenance
-    from nifi_utils.distill import DistillConfig, config_dict
+    from nifi_utils.core.common import provenance
+    from nifi_utils.models.distill import DistillConfig, config_dict
 
     base, pairs, evaluate, compressed, p = screening.setup(args.profile, args.steps, args.eval_every)
     results = {"compressed": {"final": compressed}}

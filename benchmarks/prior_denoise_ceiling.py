@@ -27,9 +27,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nifi_utils.metrics import psnr  # noqa: E402
-from nifi_utils.prior import encode_latents, to_pm1, training_images  # noqa: E402
-from nifi_utils.restorer import Restorer  # noqa: E402
+from nifi_utils.measure.metrics import psnr  # noqa: E402
+from nifi_utils.models.prior import encode_latents, to_pm1, training_images  # noqa: E402
+from nifi_utils.models.restorer import Restorer  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--profile", default="cpu")

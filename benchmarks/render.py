@@ -27,8 +27,11 @@ def case(method: str, n: int, res: int, backward: bool, repeats: int) -> dict:
 
     import torch
 
-    from nifi_utils.render import rasterization, rasterization_dense
-    from nifi_utils.scenes import SceneSpec, generate_scene
+    sys.path.insert(0, str(ROOT / "tests"))  # the dense reference lives with the tests it checks
+    from dense_raster import rasterization_dense
+
+    from nifi_utils.gs.render import rasterization
+    from nifi_utils.gs.scenes import SceneSpec, generate_scene
 
     scene, cams = generate_scene(SceneSpec("bench", 1234, "train", n, 8, res, res))
     cam = cams[1]

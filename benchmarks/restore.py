@@ -31,8 +31,8 @@ STANDIN = dict(vae_channels=[32, 64, 64], vae_layers_per_block=1, vae_norm_group
 def load(base: str | None, device: str):
     import torch
 
-    from nifi_utils.models import TinySD3Config, tiny_sd3
-    from nifi_utils.restorer import Restorer
+    from nifi_utils.models.folders import TinySD3Config, tiny_sd3
+    from nifi_utils.models.restorer import Restorer
 
     if base and Path(base, "transformer").is_dir():
         r = Restorer.from_pretrained(base, device=device)
@@ -120,7 +120,7 @@ def main():
         return
     import torch
 
-    from nifi_utils.common import provenance
+    from nifi_utils.core.common import provenance
 
     if args.quick:
         args.repeats = 3

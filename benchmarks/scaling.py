@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 def _pairs(n: int, size: int):
     import torch
 
-    from nifi_utils.distill import PairSet
+    from nifi_utils.models.distill import PairSet
 
     g = torch.Generator().manual_seed(0)
     hq = torch.rand(n, 3, size, size, generator=g)
@@ -40,9 +40,9 @@ def _pairs(n: int, size: int):
 def distill_case(profile: str, steps: int, tmp: Path, processes: int, base_model: str | None = None) -> dict:
     import torch
 
-    from nifi_utils.distill import DistillConfig, launch_variants, train_variants
-    from nifi_utils.models import save_prior, tiny_sd3
-    from nifi_utils.params import stage_params
+    from nifi_utils.models.distill import DistillConfig, launch_variants, train_variants
+    from nifi_utils.models.folders import save_prior, tiny_sd3
+    from nifi_utils.pipeline.params import stage_params
 
     p = stage_params("distill", profile)
     keys = DistillConfig.__dataclass_fields__
@@ -83,9 +83,9 @@ def _no_eval_picklable():
 def synthesis_case(profile: str, n_scenes: int, tmp: Path, processes: int) -> dict:
     import torch
 
-    from nifi_utils.params import stage_params
-    from nifi_utils.scenes import SceneSpec, build_scenes
-    from nifi_utils.synthesis import SynthesisConfig, synthesize, synthesize_ranks
+    from nifi_utils.pipeline.params import stage_params
+    from nifi_utils.gs.scenes import SceneSpec, build_scenes
+    from nifi_utils.pipeline.synthesis import SynthesisConfig, synthesize, synthesize_ranks
 
     sp = stage_params("synthesis", profile)
     cfg = SynthesisConfig.from_params({**sp, "anchors": []})
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")])
     import torch
 
-    from nifi_utils.common import provenance
+    from nifi_utils.core.common import provenance
 
     old = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).is_file() else {}
     now = time.strftime("%Y-%m-%d %H:%M", time.gmtime())

@@ -1,7 +1,7 @@
 """Short distillations side by side, for the screening scripts (`lattice_sources.py`, `t0_sweep.py`).
 
 Every variant trains from the same prior, pairs and seed through the distill stage's own path
-(`nifi_utils.distill.train_variant`), on the profile's `distill` section with a few overrides, and is scored
+(`nifi_utils.models.distill.train_variant`), on the profile's `distill` section with a few overrides, and is scored
 on the training scenes' held-out test views with the held-out judge (the ST-LPIPS network the profile does not
 train on), the metric it trains on, PSNR, SSIM, the lattice it paints (periodic-artifact excess over the ground
 truth) and the detail it adds where the ground truth is flat.
@@ -27,8 +27,8 @@ def named(scores: dict, evaluate) -> dict:
 
 def setup(profile: str, steps: int, eval_every: int, full_at_start: bool = False):
     """(base config dict, pairs, HeldoutEval, the compressed inputs' scores, params section)."""
-    from nifi_utils.distill import DistillConfig, HeldoutEval, PairSet, heldout_pairs
-    from nifi_utils.params import stage_params
+    from nifi_utils.models.distill import DistillConfig, HeldoutEval, PairSet, heldout_pairs
+    from nifi_utils.pipeline.params import stage_params
 
     p = stage_params("distill", profile)
     fields = set(DistillConfig.__dataclass_fields__)
@@ -45,7 +45,7 @@ def setup(profile: str, steps: int, eval_every: int, full_at_start: bool = False
 
 def run(name: str, cfg, base_model: Path, pairs, evaluate) -> dict:
     """Train one variant (nothing kept on disk); its curve and its first and last full evaluations."""
-    from nifi_utils.distill import train_variant
+    from nifi_utils.models.distill import train_variant
 
     with tempfile.TemporaryDirectory() as tmp:
         out = train_variant(name, cfg, base_model, Path(tmp) / "ckpt", Path(tmp) / f"{name}.pt", pairs, evaluate)

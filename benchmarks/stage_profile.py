@@ -6,7 +6,7 @@
 `record` runs the command under py-spy (a sampling profiler: a separate process reads the Python stacks of the
 command and of every process it starts, `--subprocesses`; the profiled code runs unmodified) at 20 samples/s,
 idle samples included so that waiting shows. `summarize` attributes every sample to the stage whose runner
-(`python -m nifi_utils.run <stage>`) started the process, keeps the main thread of the stage's notebook kernel
+(`python -m nifi_utils.pipeline.run <stage>`) started the process, keeps the main thread of the stage's notebook kernel
 and of the worker processes under it (scene workers, accelerate ranks, variant workers), and sorts it twice:
 - `operations`: what the CPU was doing (rasterizer forward, autograd backward, restorer forward, metric networks,
   entropy coding, BM3D, bootstrap, PNG I/O, imports, waiting on workers or subprocesses...);
@@ -37,14 +37,14 @@ WAIT_LEAVES = ("Condition.wait", "EpollSelector.select", "select (", "_wait_for_
 OPERATIONS = [
     ("imports and kernel start-up", ("_find_and_load",)),
     ("BM3D baseline", ("bm3d",)),
-    ("bootstrap intervals", ("nifi_utils/stats.py",)),
+    ("bootstrap intervals", ("nifi_utils/measure/stats.py",)),
     ("splat-transform and general compressors (anchors)", ("codec_anchors.py",)),
-    ("entropy coding (encode / decode)", ("nifi_utils/codec.py", "codec_v1.py", "codec_common.py", "constriction")),
+    ("entropy coding (encode / decode)", ("nifi_utils/codec/container.py", "codec_v1.py", "codec_common.py", "constriction")),
     ("metric networks (ST-LPIPS / LPIPS)", ("stlpips", "lpips")),
-    ("other metrics (SSIM, PSNR, periodic)", ("nifi_utils/metrics.py", "torchmetrics")),
+    ("other metrics (SSIM, PSNR, periodic)", ("nifi_utils/measure/metrics.py", "torchmetrics")),
     ("autograd backward", ("_engine_run_backward", "backward (torch/_tensor.py")),
-    ("rasterizer forward (CPU tiles)", ("nifi_utils/render.py",)),
-    ("restorer / prior forward", ("nifi_utils/restorer.py", "nifi_utils/models.py", "nifi_utils/autoencoder.py",
+    ("rasterizer forward (CPU tiles)", ("nifi_utils/gs/render.py",)),
+    ("restorer / prior forward", ("nifi_utils/models/restorer.py", "nifi_utils/models/folders.py", "nifi_utils/models/autoencoder.py",
                                   "diffusers/")),
     ("optimizer step", ("torch/optim",)),
     ("PNG / image I/O", ("PIL/",)),
@@ -60,11 +60,11 @@ PHASES = [
     ("scenes: generation", ("generate_scene", "build_scene")),
     ("distill: held-out evaluation", ("HeldoutEval",)),
     ("distill: training steps", ("Distiller.step", "Distiller.train")),
-    ("refine", ("nifi_utils/refine.py",)),
+    ("refine", ("nifi_utils/models/refine.py",)),
     ("benchmark: BM3D", ("bm3d",)),
     ("benchmark: restorers", ("restore_images", "restore_with", "Restorer.restore")),
-    ("benchmark: metrics", ("nifi_utils/metrics.py",)),
-    ("benchmark: intervals", ("nifi_utils/stats.py",)),
+    ("benchmark: metrics", ("nifi_utils/measure/metrics.py",)),
+    ("benchmark: intervals", ("nifi_utils/measure/stats.py",)),
 ]
 
 

@@ -1,6 +1,6 @@
 """The stage-time table of docs/pipeline.md, made from what the runs measured (reports/<profile>/timings.json).
 
-`python -m nifi_utils.run <stage>` (so every `dvc repro`) records each stage's wall time, with the machine's
+`python -m nifi_utils.pipeline.run <stage>` (so every `dvc repro`) records each stage's wall time, with the machine's
 load at its start and end, into reports/<profile>/timings.json. This prints them as a markdown table and, with
 `--write`, writes it into docs/pipeline.md between the `<!-- stage-times:begin -->` / `<!-- stage-times:end -->` lines.
 

@@ -83,9 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "t0_sweep.json"))
     args = ap.parse_args(argv)
 
-    from nifi_utils.common import provenance
-    from nifi_utils.distill import DistillConfig, config_dict
-    from nifi_utils.restorer import Restorer
+    from nifi_utils.core.common import provenance
+    from nifi_utils.models.distill import DistillConfig, config_dict
+    from nifi_utils.models.restorer import Restorer
 
     base, pairs, evaluate, compressed, p = screening.setup(args.profile, args.steps, args.eval_every, full_at_start=True)
     if args.lattice_weight is not None:

@@ -46,9 +46,9 @@ import json
 import shutil
 import time
 
-from nifi_utils.common import pick_device, progress, provenance, repo_path
-from nifi_utils.lab import require_inputs
-from nifi_utils.scenes import SceneSpec, build_scenes, contact_sheet, import_colmap_scene, scene_seeds
+from nifi_utils.core.common import pick_device, progress, provenance, repo_path
+from nifi_utils.pipeline.lab import require_inputs
+from nifi_utils.gs.scenes import SceneSpec, build_scenes, contact_sheet, import_colmap_scene, scene_seeds
 
 require_inputs("scenes", profile)  # an upstream output missing: one line naming what to run first, nothing written
 out_root = repo_path("data", profile, "scenes")

@@ -63,11 +63,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from nifi_utils.common import pick_device, provenance, repo_path
-from nifi_utils.lab import require_inputs
-from nifi_utils.metrics import METRIC_BACKENDS, psnr, stlpips
-from nifi_utils.launch import check_processes
-from nifi_utils.synthesis import SynthesisConfig, synthesize, synthesize_ranks
+from nifi_utils.core.common import pick_device, provenance, repo_path
+from nifi_utils.pipeline.lab import require_inputs
+from nifi_utils.measure.metrics import METRIC_BACKENDS, psnr, stlpips
+from nifi_utils.core.launch import check_processes
+from nifi_utils.pipeline.synthesis import SynthesisConfig, synthesize, synthesize_ranks
 
 require_inputs("synthesis", profile)  # an upstream output missing: one line naming what to run first, nothing written
 params = dict(n_levels=n_levels, c_min=c_min, n_max=n_max, sh_degrees=sh_degrees, scoring=scoring,

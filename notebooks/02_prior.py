@@ -38,7 +38,7 @@
 # the transformer was trained). `dit_device: auto` trains the transformer here on CUDA when there is one.
 #
 # **Runtime.** `tiny` ~15 s · `cpu` ~60 min on 2 cores (corpus 4 min, autoencoder 6 min, transformer
-# 45 min; `python -m nifi_utils.run prior && dvc commit -f prior`; `make repro` uses the committed
+# 45 min; `python -m nifi_utils.pipeline.run prior && dvc commit -f prior`; `make repro` uses the committed
 # weights) · `paper`: seconds.
 #
 # **Opened in JupyterLab** (tiny parameters) it trains the tiny prior again and writes it over the committed
@@ -109,10 +109,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nifi_utils.common import provenance, repo_path, seed_everything
-from nifi_utils.lab import require_inputs
-from nifi_utils.metrics import METRIC_BACKENDS, periodic_artifact, psnr, stlpips
-from nifi_utils.restorer import Restorer, load_embeddings
+from nifi_utils.core.common import provenance, repo_path, seed_everything
+from nifi_utils.pipeline.lab import require_inputs
+from nifi_utils.measure.metrics import METRIC_BACKENDS, periodic_artifact, psnr, stlpips
+from nifi_utils.models.restorer import Restorer, load_embeddings
 
 if source == "train":  # training reads the scenes and renders (dvc.yaml); `sd3` only checks the SD3 folder
     require_inputs("prior", profile)  # an upstream output missing: one line naming what to run first, nothing written
@@ -162,7 +162,7 @@ if source == "sd3":
 
 # %%
 if source == "train":
-    from nifi_utils.prior import PriorConfig, build_prior, to_pm1, training_images, training_scene_views
+    from nifi_utils.models.prior import PriorConfig, build_prior, to_pm1, training_images, training_scene_views
 
     cfg = PriorConfig(latent_channels=latent_channels, patch=patch, vae_hidden=vae_hidden, vae_res_enc=vae_res_enc,
                       vae_res_dec=vae_res_dec, vae_pixel_hidden=vae_pixel_hidden, vae_steps=vae_steps,
@@ -216,8 +216,8 @@ if source == "train" and prior_from:
     print(f"copied {prior_from}: transformer trained on {dit_log['device']} for {dit_log['steps_done']} steps "
           f"({dit_log['seconds_dit']:.0f} s, batch {dit_log['batch']}); {n_params}; folder {size_mb:.1f} MB")
 elif source == "train":
-    from nifi_utils.common import pick_device
-    from nifi_utils.models import save_prior
+    from nifi_utils.core.common import pick_device
+    from nifi_utils.models.folders import save_prior
 
     restorer, log, timings = build_prior(train, cfg, seed, dit_time_budget_s, device=pick_device(dit_device))
     save_prior(restorer, out_dir, dtype=torch.float16)
@@ -236,7 +236,7 @@ elif source == "train":
 #   gained 0.8 dB before memorising);
 # - K-step img2img from t0 on compressed renders (training scenes' test views) must not make them
 #   worse on average (ST-LPIPS);
-# - no lattice: the periodic-artifact score (`nifi_utils.metrics.periodic_artifact`, 8-px lattice
+# - no lattice: the periodic-artifact score (`nifi_utils.measure.metrics.periodic_artifact`, 8-px lattice
 #   frequencies against their spectral neighbourhood) of one-step denoising and of img2img exceeds the
 #   clean images' by less than 0.05 (log10 power ratio). Also reported, not gated: the round trip's, and
 #   the decoder's on a latent off by white noise (does a small latent error become a block?).

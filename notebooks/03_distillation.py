@@ -85,14 +85,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nifi_utils.common import pick_device, provenance, repo_path
-from nifi_utils.distill import (DistillConfig, HeldoutEval, PairSet, config_dict, heldout_pairs, judge_metric,
+from nifi_utils.core.common import pick_device, provenance, repo_path
+from nifi_utils.models.distill import (DistillConfig, HeldoutEval, PairSet, config_dict, heldout_pairs, judge_metric,
                                 launch_variants, train_variants)
-from nifi_utils.lab import require_inputs
-from nifi_utils.launch import check_processes
-from nifi_utils.metrics import METRIC_BACKENDS, image_metrics
-from nifi_utils.regression import RegressionConfig, load_regression
-from nifi_utils.restorer import Restorer
+from nifi_utils.pipeline.lab import require_inputs
+from nifi_utils.core.launch import check_processes
+from nifi_utils.measure.metrics import METRIC_BACKENDS, image_metrics
+from nifi_utils.models.regression import RegressionConfig, load_regression
+from nifi_utils.models.restorer import Restorer
 
 require_inputs("distill", profile)  # an upstream output missing: one line naming what to run first, nothing written
 judge = judge_metric(perceptual)  # the held-out judge: the perceptual network no restorer here trains on
@@ -129,7 +129,7 @@ print({k: round(v, 4) for k, v in compressed_scores.items()}, "(compressed)")
 
 # %% [markdown]
 # ## The regression baseline, as a lesson of its own
-# What a plain network does with the same supervision. `RegressionUNet` (`nifi_utils/regression.py`):
+# What a plain network does with the same supervision. `RegressionUNet` (`nifi_utils/models/regression.py`):
 # - a U-Net with features at full, 1/2 and 1/4 resolution (width 32, 64, 128; two 3x3 convolutions per level,
 #   SiLU), skip connections at every resolution, and a residual output $\hat I = \tilde I + f(\tilde I)$ whose
 #   last convolution starts at zero, so training starts from the compressed render itself;
@@ -141,7 +141,7 @@ print({k: round(v, 4) for k, v in compressed_scores.items()}, "(compressed)")
 # a 4x-down latent, which is why the cpu profile adapts the decoder too.
 
 # %%
-from nifi_utils.regression import RegressionUNet
+from nifi_utils.models.regression import RegressionUNet
 
 print(RegressionUNet(regression_width))
 print(f"{sum(p.numel() for p in RegressionUNet(regression_width).parameters()) / 1e6:.2f} M parameters")

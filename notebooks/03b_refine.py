@@ -46,9 +46,9 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
-from nifi_utils.lab import require_inputs
-from nifi_utils.refine import (RefineConfig, content_frame, load_restorer, orbit_cameras, refine_many, render_all,
+from nifi_utils.core.common import pick_device, provenance, repo_path, seed_everything
+from nifi_utils.pipeline.lab import require_inputs
+from nifi_utils.models.refine import (RefineConfig, content_frame, load_restorer, orbit_cameras, refine_many, render_all,
                                restore_views)
 
 require_inputs("refine", profile)  # an upstream output missing: one line naming what to run first, nothing written
@@ -76,7 +76,7 @@ print(f"device {dev}; restorer {ckpt.name} (t0 {cfg.t0}, latent {cfg.latent}); {
 # the pseudo ground truth of the first round.
 
 # %%
-from nifi_utils import codec
+from nifi_utils.codec import container as codec
 
 s0 = eval_scenes[min(figure_scene, len(eval_scenes) - 1)]
 lv0 = records[s0]["levels"][0]["level"]

@@ -52,10 +52,10 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from nifi_utils import benchmark as B
-from nifi_utils.common import pick_device, provenance, repo_path, seed_everything
-from nifi_utils.lab import require_inputs
-from nifi_utils.metrics import METRIC_BACKENDS, metric_available
+from nifi_utils.eval import benchmark as B
+from nifi_utils.core.common import pick_device, provenance, repo_path, seed_everything
+from nifi_utils.pipeline.lab import require_inputs
+from nifi_utils.measure.metrics import METRIC_BACKENDS, metric_available
 
 require_inputs("benchmark", profile)  # an upstream output missing: one line naming what to run first, nothing written
 t_start = time.time()
@@ -154,8 +154,8 @@ print(f"{len(df)} rows -> reports/{profile}/benchmark.csv")
 # %% [markdown]
 # ## Means per method and rate, with 95 % intervals
 # Every mean is over the views of each scene, then over scenes, with a two-level bootstrap interval
-# (scenes resampled, then views within them: `nifi_utils.stats`). `periodic` is the no-reference
-# periodic-artifact score (`nifi_utils.metrics.periodic_artifact`: power at the 8-px lattice frequencies
+# (scenes resampled, then views within them: `nifi_utils.measure.stats`). `periodic` is the no-reference
+# periodic-artifact score (`nifi_utils.measure.metrics.periodic_artifact`: power at the 8-px lattice frequencies
 # over its spectral neighbourhood, log10); `periodic_excess` subtracts the same score of the ground-truth
 # view, so 0 means "no more lattice than the real image has".
 
@@ -230,14 +230,14 @@ else:
 
 # %%
 report = {"means": nested, "intervals": "95 % percentile, two-level bootstrap (scenes, then views), 2000 replicates; "
-                                       "targets on paired intervals (nifi_utils.stats)", "checks": checks, "ms_per_image": timing, "img2img_steps": img2img_steps,
+                                       "targets on paired intervals (nifi_utils.measure.stats)", "checks": checks, "ms_per_image": timing, "img2img_steps": img2img_steps,
           "img2img_guidance": img2img_guidance, "perceptual": perceptual, "judge": judge,
           "bm3d_sigma": None if bm3d_sigma is None else round(255 * bm3d_sigma, 3), "bm3d_tuning_loss": bm3d_losses,
           "methods": ["3dgs", "compressed", *methods] + [f"external_{e['name']}" for e in external_restorers],
           "metric_backends": {m: METRIC_BACKENDS[m] for m in active} | {
               "periodic": METRIC_BACKENDS["periodic"], "periodic_excess": "periodic(image) - periodic(ground truth)",
               "flat_excess": METRIC_BACKENDS["flat_excess"],
-              "mv_consistency": "nifi_utils.benchmark.ConsistencyMeter: mean |view i - warp(view j)| on co-visible pixels "
+              "mv_consistency": "nifi_utils.eval.benchmark.ConsistencyMeter: mean |view i - warp(view j)| on co-visible pixels "
                                 f"(uncompressed depth, depth tol {consistency_depth_tol}), divided by the same on ground truth"},
           "metrics_skipped": {m: "torchvision ImageNet weights not in the torch hub cache" for m in skipped},
           "n_views": int(df[df.method == "compressed"].shape[0]), "eval_scenes": eval_scenes,

@@ -39,9 +39,9 @@ import time
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from nifi_utils import plots
-from nifi_utils.common import provenance, repo_path
-from nifi_utils.lab import require_inputs
+from nifi_utils.eval import plots
+from nifi_utils.core.common import provenance, repo_path
+from nifi_utils.pipeline.lab import require_inputs
 
 require_inputs("plots", profile)  # an upstream output missing: one line naming what to run first, nothing written
 csv_path = repo_path("reports", profile, "benchmark.csv")
@@ -72,7 +72,7 @@ print(f"codecs: {', '.join(sorted(df['codec'].unique()))}; devices: {', '.join(m
 # the size of a rate is the mean bitstream size over scenes. Restorers add no bytes, so they sit at
 # the compressed size of their rate. NaN scores (e.g. multi-view consistency where it is undefined) are
 # left out of the mean. Each mean comes with its 95 % interval (`<metric>_lo`, `<metric>_hi`): a
-# two-level bootstrap that resamples scenes, then views within them (`nifi_utils.stats`); with few
+# two-level bootstrap that resamples scenes, then views within them (`nifi_utils.measure.stats`); with few
 # evaluation scenes it is optimistic, since no resample can show a scene unlike the ones we have.
 
 # %%
@@ -172,7 +172,7 @@ plt.show()
 
 # %%
 m0 = table_metrics[0]
-sign = 1 if m0 in plots.HIGHER_IS_BETTER else -1
+sign = 1 if plots.higher_is_better(m0) else -1
 ours = agg[agg["codec"] == plots.OUR_CODEC].set_index(["method", "rate"])[m0]
 ref = agg.loc[agg["method"] == "3dgs", m0]
 for rate in sorted(agg.loc[agg["codec"] == plots.OUR_CODEC, "rate"].unique(), key=plots.natural_key):

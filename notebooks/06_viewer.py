@@ -33,10 +33,10 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from nifi_utils import viewer
-from nifi_utils.common import provenance, repo_path
-from nifi_utils.lab import require_inputs
-from nifi_utils.splat_tools import PINNED, missing_reason, splat_transform_path
+from nifi_utils.eval import viewer
+from nifi_utils.core.common import provenance, repo_path
+from nifi_utils.pipeline.lab import require_inputs
+from nifi_utils.gs.splat_tools import PINNED, missing_reason, splat_transform_path
 
 require_inputs("viewer", profile)  # an upstream output missing: one line naming what to run first, nothing written
 data_root = repo_path("data", profile)

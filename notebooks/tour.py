@@ -37,9 +37,9 @@ import pandas as pd
 from IPython.display import IFrame, display
 from PIL import Image
 
-from nifi_utils import plots
-from nifi_utils.common import repo_path
-from nifi_utils.lab import pick_profile, require_outputs
+from nifi_utils.eval import plots
+from nifi_utils.core.common import repo_path
+from nifi_utils.pipeline.lab import pick_profile, require_outputs
 
 SHOWN = ["scenes", "synthesis", "distill", "benchmark", "viewer"]  # the stages whose outputs this tour reads
 if profile:

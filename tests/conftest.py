@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nifi_utils.cameras import Camera, look_at
-from nifi_utils.gaussians import GaussianScene
+from nifi_utils.gs.cameras import Camera, look_at
+from nifi_utils.gs.gaussians import GaussianScene
 
 os.environ.setdefault("NIFI_QUIET", "1")
 

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from nifi_utils.distill import Distiller, DistillConfig, PairSet
-from nifi_utils.models import tiny_sd3
+from nifi_utils.models.distill import Distiller, DistillConfig, PairSet
+from nifi_utils.models.folders import tiny_sd3
 from test_distill import _pairs as pairs  # the same four fixed pairs as the single-process tests
 
 # Every random draw of a step is on: the TSD term (its timestep, its noise, the critic's), noise at t0, a posterior

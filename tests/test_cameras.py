@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from nifi_utils.cameras import Camera, CameraSet, look_at, read_transforms, split_indices, write_transforms
-from nifi_utils.common import NifiError
+from nifi_utils.gs.cameras import Camera, CameraSet, look_at, read_transforms, split_indices, write_transforms
+from nifi_utils.core.common import NifiError
 
 from conftest import front_camera
 

@@ -6,10 +6,10 @@ import torch
 import pytest
 from PIL import Image
 
-from nifi_utils.cameras import CameraSet, write_transforms
-from nifi_utils.cli import main
-from nifi_utils.common import REPO_ROOT
-from nifi_utils.render import render
+from nifi_utils.gs.cameras import CameraSet, write_transforms
+from nifi_utils.pipeline.cli import main
+from nifi_utils.core.common import REPO_ROOT
+from nifi_utils.gs.render import render
 
 from conftest import front_camera, random_scene
 
@@ -83,8 +83,8 @@ def _inria_ply_from_another_tool(path, n=500, seed=0):
 
 
 def test_compress_decompress_round_trip_on_an_inria_ply(tmp_path):
-    from nifi_utils import codec
-    from nifi_utils.gaussians import read_ply
+    from nifi_utils.codec import container as codec
+    from nifi_utils.gs.gaussians import read_ply
 
     ply = _inria_ply_from_another_tool(tmp_path / "point_cloud.ply")
     out = tmp_path / "x.nifi"

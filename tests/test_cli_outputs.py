@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nifi_utils import codec
-from nifi_utils.cameras import CameraSet, write_transforms
-from nifi_utils.cli import main
-from nifi_utils.common import REPO_ROOT, NifiError
-from nifi_utils.outputs import check_out_dir, check_out_file, staged
+from nifi_utils.codec import container as codec
+from nifi_utils.gs.cameras import CameraSet, write_transforms
+from nifi_utils.pipeline.cli import main
+from nifi_utils.core.common import REPO_ROOT, NifiError
+from nifi_utils.core.outputs import check_out_dir, check_out_file, staged
 
 from conftest import front_camera, random_scene
 
@@ -27,7 +27,7 @@ HAS_PROC = Path("/proc").is_dir() and sys.platform.startswith("linux")
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Valid inputs for every command, in their own folder (the tests' output folders stay apart)."""
-    from nifi_utils.models import save_prior, tiny_sd3
+    from nifi_utils.models.folders import save_prior, tiny_sd3
 
     d = tmp_path_factory.mktemp("inputs")
     scene = random_scene(n=200, sh_degree=1)
@@ -189,9 +189,9 @@ def test_output_checks_come_before_the_work(capsys, inputs, tmp_path):
 
 # ------------------------------------------------------------------ synthesize and run: no --out, fixed output folders
 def test_synthesize_checks_its_folders_before_the_work(capsys, tmp_path, monkeypatch):
-    import nifi_utils.common
+    import nifi_utils.core.common
 
-    monkeypatch.setattr(nifi_utils.common, "repo_path", lambda *parts: tmp_path.joinpath(*parts))
+    monkeypatch.setattr(nifi_utils.core.common, "repo_path", lambda *parts: tmp_path.joinpath(*parts))
     rc, err = _run_in_process(capsys, ["synthesize", "--profile", "tiny"])
     _assert_error_line(rc, err, tmp_path / "data" / "tiny" / "scenes")
     assert "run the scenes stage" in err
@@ -204,7 +204,7 @@ def test_synthesize_checks_its_folders_before_the_work(capsys, tmp_path, monkeyp
 
 
 def test_run_checks_the_stage_outputs_before_making_folders(tmp_path):
-    from nifi_utils.run import prepare_outputs
+    from nifi_utils.pipeline.run import prepare_outputs
 
     (tmp_path / "reports").write_text("a file where a folder belongs")
     outs = [tmp_path / "data" / "scenes", tmp_path / "reports" / "scenes.json"]

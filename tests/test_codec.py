@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import random_scene
-from nifi_utils import codec
-from nifi_utils.common import NifiError
+from nifi_utils.codec import container as codec
+from nifi_utils.core.common import NifiError
 
 
 def test_quantization_error_is_at_most_half_a_step():
@@ -204,31 +204,15 @@ def test_delta_coding_and_z_order_round_trip():
     assert order.tolist() == [1, 3, 2, 0]  # codes: (0,0,0)=0, (0,0,1)=4, (1,1,1)=7, (3,0,0)=9
 
 
-def test_version_1_files_still_decode_exactly():
-    """tests/test_codec_v1_fixture.nifi: written by the version-1 encoder (commit 596adc1) from
-    random_scene(60, seed=11), sh_degree 1, 6 bits, 9 position bits, level 1."""
+def test_version_1_files_are_refused_in_one_line():
+    """Version-1 files (an early encoder's) are no longer read: a clear error, not a wrong scene."""
     from pathlib import Path
 
-    data = (Path(__file__).parent / "test_codec_v1_fixture.nifi").read_bytes()
-    assert struct.unpack_from("<H", data, 8)[0] == 1
-    dec, head = codec.decode_bytes(data)
-    assert head["version"] == 1 and head["level"] == 1 and head["n_gaussians"] == 60
-    scene = random_scene(60, seed=11)
-    vals = codec.scene_to_channels(scene, 1).numpy()
-    lo, hi = codec.channel_ranges(vals)
-    bits = codec.default_bits(1, 6, 9)
-    expect = codec.dequantize(codec.quantize(vals, bits, lo, hi), bits, lo, hi)
-    got = codec.scene_to_channels(dec, 1).numpy()
-    got[:, 3:7] = dec.quats.numpy()
-    rows = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731
-    assert np.array_equal(rows(got), rows(expect))
-    from nifi_utils.codec_v1 import encode_v1
-
-    assert encode_v1(scene, 1, 6, 9, level=1).data == data  # the benchmark's "before" is that encoder
-    # the same scene in the current version: the same Gaussians, bit for bit, in the same order
-    now, head2 = codec.decode_bytes(codec.encode_scene(scene, sh_degree=1, bits=6, pos_bits=9).data)
-    assert head2["version"] == codec.VERSION
-    assert all(torch.equal(a, b) for a, b in zip(dec.tensors().values(), now.tensors().values()))
+    data = bytearray(codec.encode_scene(random_scene(20, seed=3), sh_degree=1, bits=6, pos_bits=9).data)
+    struct.pack_into("<H", data, 8, 1)
+    struct.pack_into("<I", data, len(data) - 4, zlib.crc32(bytes(data[:-4])))
+    with pytest.raises(NifiError, match="version 1 is not supported"):
+        codec.decode_bytes(bytes(data))
 
 
 def test_morton_codes_invert():

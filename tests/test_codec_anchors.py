@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import front_camera, random_scene
-from nifi_utils import codec, codec_anchors, splat_tools
+from nifi_utils.codec import container as codec
+from nifi_utils.eval import anchors as codec_anchors
+from nifi_utils.gs import splat_tools
 
 
 def test_missing_splat_transform_gives_skipped_rows_with_the_reason(monkeypatch):
@@ -43,14 +45,14 @@ def test_spz_anchor_round_trips_through_splat_transform(tmp_path):
 
 
 def test_a_format_the_tool_cannot_write_is_a_skipped_row_not_an_error():
-    from nifi_utils.splat_tools import splat_transform_path
+    from nifi_utils.gs.splat_tools import splat_transform_path
 
     if splat_transform_path() is None:
         pytest.skip("splat-transform not installed")
     import torch
 
-    from nifi_utils.codec_anchors import codec_anchors
-    from nifi_utils.gaussians import GaussianScene
+    from nifi_utils.eval.anchors import codec_anchors
+    from nifi_utils.gs.gaussians import GaussianScene
 
     g = torch.Generator().manual_seed(0)
     n = 300

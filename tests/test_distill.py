@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from nifi_utils.distill import Distiller, DistillConfig, PairSet
-from nifi_utils.models import tiny_sd3
-from nifi_utils.restorer import Restorer
+from nifi_utils.models.distill import Distiller, DistillConfig, PairSet
+from nifi_utils.models.folders import tiny_sd3
+from nifi_utils.models.restorer import Restorer
 
 
 def _pairs(n=4, size=32, seed=0):
@@ -19,7 +19,7 @@ def _pairs(n=4, size=32, seed=0):
     return PairSet(to8(lq), to8(hq), [("s", 0, str(i)) for i in range(n)])
 
 
-CFG = dict(rank=4, critic_rank=4, batch=2, crop=32, lr_g=1e-3, lr_c=1e-3, cfg_scale=2.0, seed=0)
+CFG = dict(rank=4, critic_rank=4, batch=2, crop=32, lr_g=1e-3, lr_c=1e-3, cfg_scale=2.0, seed=0, perceptual="stlpips_alex")
 
 
 def _distiller(**kw):
@@ -67,7 +67,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_export_is_the_official_format_and_reloads(tmp_path):
-    from nifi_utils.models import save_prior
+    from nifi_utils.models.folders import save_prior
 
     save_prior(tiny_sd3(seed=0), tmp_path / "prior")
     d = _distiller()
@@ -84,7 +84,7 @@ def test_export_is_the_official_format_and_reloads(tmp_path):
 
 
 def test_short_overfit_on_one_pair_reduces_its_stlpips():
-    from nifi_utils.metrics import stlpips
+    from nifi_utils.measure.metrics import stlpips
 
     pairs = _pairs(n=1)
     d = _distiller(tsd_weight=0.0, lr_g=3e-3, batch=1, crop=32, latent="mean")
@@ -104,7 +104,7 @@ def test_a_training_step_on_cuda_with_bf16_autocast():
 
 # ---------------------------------------------------------------- the lattice term
 def test_lattice_l2_sees_a_grid_and_not_white_noise_or_smooth_error():
-    from nifi_utils.distill import lattice_l2
+    from nifi_utils.models.distill import lattice_l2
 
     g = torch.Generator().manual_seed(0)
     white = 0.1 * torch.randn(4, 3, 64, 64, generator=g)
@@ -125,7 +125,7 @@ def test_lattice_l2_sees_a_grid_and_not_white_noise_or_smooth_error():
 
 
 def test_lattice_l2_gradient_matches_finite_differences():
-    from nifi_utils.distill import lattice_l2
+    from nifi_utils.models.distill import lattice_l2
 
     x = torch.randn(1, 1, 16, 16, dtype=torch.float64, requires_grad=True)
     # float64 all the way: lattice_l2 promotes only lower precisions to float32

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nifi_utils.common import REPO_ROOT, NifiError
-from nifi_utils.launch import UsageError, batch_share, check_processes, launch_command
+from nifi_utils.core.common import REPO_ROOT, NifiError
+from nifi_utils.core.launch import UsageError, batch_share, check_processes, launch_command
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -102,8 +102,8 @@ def test_a_global_batch_splits_into_equal_shares_or_is_refused():
 @pytest.mark.slow
 @needs_two
 def test_a_failing_rank_ends_the_run_in_one_line_and_leaves_no_export(tmp_path, monkeypatch):
-    from nifi_utils.distill import DistillConfig, launch_variants
-    from nifi_utils.models import save_prior
+    from nifi_utils.models.distill import DistillConfig, launch_variants
+    from nifi_utils.models.folders import save_prior
 
     save_prior(script.tiny_sd3(seed=0), tmp_path / "prior")
     p = script.pairs()
@@ -124,7 +124,7 @@ def test_processes_beyond_the_cores_are_refused_in_one_line_before_any_work(monk
     for bad in (0, have + 1):
         with pytest.raises(UsageError):
             check_processes(bad)
-    from nifi_utils import run
+    from nifi_utils.pipeline import run
 
     def no_notebook(*a, **k):
         raise AssertionError("the stage started")

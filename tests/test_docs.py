@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nifi_utils.common import REPO_ROOT
+from nifi_utils.core.common import REPO_ROOT
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")

@@ -3,7 +3,7 @@ white noise) and what it must not (the ground truth itself, a smoother image, de
 import numpy as np
 import torch
 
-from nifi_utils.metrics import flat_excess, flat_mask
+from nifi_utils.measure.metrics import flat_excess, flat_mask
 
 
 def _scene(size=96, seed=0):

@@ -3,8 +3,8 @@ import pytest
 import torch
 from plyfile import PlyData, PlyElement
 
-from nifi_utils.common import NifiError
-from nifi_utils.gaussians import GaussianScene, ply_property_names, read_ply, write_ply
+from nifi_utils.core.common import NifiError
+from nifi_utils.gs.gaussians import GaussianScene, ply_property_names, read_ply, write_ply
 
 from conftest import random_scene
 

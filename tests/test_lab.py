@@ -2,7 +2,7 @@
 JupyterLab runs it (kernel in notebooks/, committed parameters), the one-line stop when inputs are missing, the tour,
 and JupyterLab itself driven through its UI in headless Chromium.
 
-The expensive tests share one scratch copy of the repository whose tiny-profile outputs `python -m nifi_utils.lab
+The expensive tests share one scratch copy of the repository whose tiny-profile outputs `python -m nifi_utils.pipeline.lab
 prepare` made (the `tiny_lab` fixture); its kernels import that copy's nifi_utils (PYTHONPATH)."""
 import json
 import os
@@ -18,10 +18,11 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from nifi_utils import lab, viewer
-from nifi_utils.common import REPO_ROOT
-from nifi_utils.params import stage_spec
-from nifi_utils.splat_tools import splat_transform_path
+from nifi_utils.pipeline import lab
+from nifi_utils.eval import viewer
+from nifi_utils.core.common import REPO_ROOT
+from nifi_utils.pipeline.params import stage_spec
+from nifi_utils.gs.splat_tools import splat_transform_path
 
 STAGE_NOTEBOOKS = {stage_spec(s).notebook.stem: s for s in lab._stages()}
 BIN = Path(sys.executable).parent
@@ -36,7 +37,7 @@ def test_jupyterlab_is_in_the_pinned_install_and_make_lab_starts_it():
     assert version("jupyterlab") == pins["jupyterlab"]
     make = (REPO_ROOT / "Makefile").read_text()
     recipe = make.split("\nlab: setup\n", 1)[1].split("\n\n", 1)[0]
-    assert "nifi_utils.lab prepare --profile tiny" in recipe
+    assert "nifi_utils.pipeline.lab prepare --profile tiny" in recipe
     assert "jupyter lab --no-browser --ip=127.0.0.1" in recipe  # prints its URL, opens no browser, local only
     readme = (REPO_ROOT / "README.md").read_text()
     assert all(f"make {c}" in readme for c in ("repro", "test", "lab"))
@@ -63,8 +64,8 @@ def test_every_notebook_names_its_kernel():
 
 def _fake_repo(tmp_path, monkeypatch):
     """repo_path and REPO_ROOT pointed at an empty folder with the real dvc.yaml and params: no outputs at all."""
-    import nifi_utils.common as C
-    import nifi_utils.params as P
+    import nifi_utils.core.common as C
+    import nifi_utils.pipeline.params as P
 
     for f in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO_ROOT / f, tmp_path / f)
@@ -86,7 +87,7 @@ def test_missing_inputs_name_the_stages_and_the_command(tmp_path, monkeypatch):
     assert "data/tiny/pairs" in msg[0] and "stages scenes, synthesis, prior" in msg[0] and "`make lab`" in msg[0]
     with pytest.raises(lab.MissingInputs, match=r"`make repro` first"):
         lab.require_inputs("plots", "cpu")  # the default profile: the README's command
-    with pytest.raises(lab.MissingInputs, match=r"`python -m nifi_utils.lab prepare distill --profile paper` first"):
+    with pytest.raises(lab.MissingInputs, match=r"`python -m nifi_utils.pipeline.lab prepare distill --profile paper` first"):
         lab.require_inputs("distill", "paper")
     # an empty folder a failed run left behind counts as missing
     for o in stage_spec("synthesis", "tiny").outs + stage_spec("scenes", "tiny").outs + stage_spec("prior", "tiny").outs:
@@ -153,17 +154,17 @@ def test_a_stage_notebook_without_its_inputs_stops_in_one_line_and_writes_nothin
 
 @pytest.fixture(scope="module")
 def tiny_lab(tmp_path_factory):
-    """A fresh copy of the repository after `python -m nifi_utils.lab prepare` (what `make lab` runs first). Where this
+    """A fresh copy of the repository after `python -m nifi_utils.pipeline.lab prepare` (what `make lab` runs first). Where this
     checkout already has every tiny output (after `make lab`), they are copied instead of made again (minutes on
     2 cores); in a fresh clone (CI) prepare makes them. A second prepare must then run nothing."""
     work = _copy_repo(tmp_path_factory.mktemp("tiny_lab"))
     if not any(lab.missing_outputs(s, "tiny") for s in lab._stages()):
         for top in ("data", "reports"):
             shutil.copytree(REPO_ROOT / top / "tiny", work / top / "tiny", dirs_exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "nifi_utils.lab", "prepare", "--profile", "tiny"], cwd=work,
+    r = subprocess.run([sys.executable, "-m", "nifi_utils.pipeline.lab", "prepare", "--profile", "tiny"], cwd=work,
                        env=_env(work), capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "nifi_utils.lab", "prepare"], cwd=work, env=_env(work),
+    r = subprocess.run([sys.executable, "-m", "nifi_utils.pipeline.lab", "prepare"], cwd=work, env=_env(work),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "every stage's outputs are there" in r.stderr, r.stderr[-2000:]  # idempotent
     return work

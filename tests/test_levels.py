@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import front_camera, random_scene
-from nifi_utils import levels as L
-from nifi_utils.common import NifiError
-from nifi_utils.render import render
+from nifi_utils.codec import levels as L
+from nifi_utils.core.common import NifiError
+from nifi_utils.gs.render import render
 
 
 def test_level_sizes_are_log_spaced_from_c_min_to_n_max():

@@ -5,7 +5,7 @@ import collections
 import pytest
 import torch
 
-from nifi_utils import metrics
+from nifi_utils.measure import metrics
 
 
 def _imgs(seed, n=2, size=32):

@@ -11,7 +11,7 @@ A scratch copy of the repository gets fake user data laid out the way a paper us
 Its conf/profile/paper.yaml keeps the paper profile's keys and paper-only behaviours (colmap source, sd3
 prior source, n_max as a fraction, SH degrees per level, LPIPS/DISTS in the benchmark, bf16,
 show_paper) with sizes from the tiny profile, and the pipeline runs the way the README tells a paper user:
-`python -m nifi_utils.run prior` once (the stage is frozen), then `dvc exp run -S profile=paper` (DVC composes
+`python -m nifi_utils.pipeline.run prior` once (the stage is frozen), then `dvc exp run -S profile=paper` (DVC composes
 params.yaml from conf/).
 """
 import json
@@ -27,8 +27,8 @@ import torch
 import yaml
 from PIL import Image, ImageFilter
 
-from nifi_utils.common import REPO_ROOT
-from nifi_utils.params import compose_params
+from nifi_utils.core.common import REPO_ROOT
+from nifi_utils.pipeline.params import compose_params
 
 W, H, N_VIEWS = 48, 32, 16  # 16 views: test views 0 and 8 (idx % 8 == 0)
 HACPP_RATES = {"lambda0.5": [1500, 700], "lambda1.0": [900, 300, 200]}  # bitstream file sizes per rate
@@ -57,7 +57,7 @@ def _copy_repo(work: Path) -> None:
 
 # ---------------------------------------------------------------- fake user data
 def _cameras(seed: int):
-    from nifi_utils.cameras import Camera, look_at
+    from nifi_utils.gs.cameras import Camera, look_at
 
     rng = np.random.default_rng(seed)
     # a 60-degree arc, so test views 0 and 8 see the same Gaussians (the benchmark's consistency score)
@@ -73,9 +73,9 @@ def _cameras(seed: int):
 def _write_colmap_scene(root: Path, scene, cams, images_subdir: str, colmap_scale: int, background) -> None:
     """COLMAP text model (PINHOLE, cameras at `colmap_scale` x the image size, as for Mip-NeRF 360's
     images_2/images_4) and the images rendered from `scene` (the "photographs")."""
-    from nifi_utils.cameras import GL_TO_CV
-    from nifi_utils.render import render
-    from nifi_utils.scenes import _rotmat_to_quat
+    from nifi_utils.gs.cameras import GL_TO_CV
+    from nifi_utils.gs.render import render
+    from nifi_utils.gs.scenes import _rotmat_to_quat
 
     sparse = root / "sparse" / "0"
     sparse.mkdir(parents=True)
@@ -101,8 +101,8 @@ def _write_colmap_scene(root: Path, scene, cams, images_subdir: str, colmap_scal
 def _make_user_data(user: Path, background) -> dict:
     from conftest import random_scene
 
-    from nifi_utils.models import TinySD3Config, save_prior, tiny_sd3
-    from nifi_utils.restorer import save_embeddings
+    from nifi_utils.models.folders import TinySD3Config, save_prior, tiny_sd3
+    from nifi_utils.models.restorer import save_embeddings
 
     paths = {"datasets": []}
     for k, (name, split, images, scale) in enumerate([("dl3dv_fake", "train", "images", 1),
@@ -146,7 +146,7 @@ def _make_user_data(user: Path, background) -> dict:
 
 def _paper_params(paper: dict, tiny: dict, user: dict) -> dict:
     """The paper profile's sections, same keys: paths to the fake data, sizes from the tiny profile."""
-    from nifi_utils.metrics import metric_available
+    from nifi_utils.measure.metrics import metric_available
 
     p = {s: dict(paper[s]) for s in ("scenes", "synthesis", "prior", "distill", "refine", "benchmark", "plots", "viewer")}
     p["scenes"].update(datasets=user["datasets"])
@@ -174,8 +174,8 @@ def _paper_params(paper: dict, tiny: dict, user: dict) -> dict:
 def _run_paper_profile(tmp_path: Path, device: str) -> None:
     import pandas as pd
 
-    from nifi_utils.levels import level_sizes
-    from nifi_utils.metrics import metric_available
+    from nifi_utils.codec.levels import level_sizes
+    from nifi_utils.measure.metrics import metric_available
 
     work = tmp_path / "lab"
     _copy_repo(work)
@@ -204,7 +204,7 @@ def _run_paper_profile(tmp_path: Path, device: str) -> None:
     run("git", "add", "-A")
     run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     # the README's paper recipe: the frozen prior stage checks the SD3 folder once, then DVC runs the rest
-    run(sys.executable, "-m", "nifi_utils.run", "prior", "--profile", "paper", "--quiet")
+    run(sys.executable, "-m", "nifi_utils.pipeline.run", "prior", "--profile", "paper", "--quiet")
     out = run("dvc", "exp", "run", "-S", "profile=paper")
     for stage in ("scenes", "synthesis", "distill", "refine", "benchmark", "plots", "viewer"):
         assert f"Running stage '{stage}'" in out, out[-3000:]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from skimage import data
 
-from nifi_utils.common import NifiError
-from nifi_utils.metrics import periodic_artifact
+from nifi_utils.core.common import NifiError
+from nifi_utils.measure.metrics import periodic_artifact
 
 
 def _t(a):

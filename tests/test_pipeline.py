@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from nifi_utils.common import REPO_ROOT, NifiError
-from nifi_utils.params import (CONF_DIR, CONF_NAME, PROFILES, compose_params, compose_yaml, load_params, stage_params,
+from nifi_utils.core.common import REPO_ROOT, NifiError
+from nifi_utils.pipeline.params import (CONF_DIR, CONF_NAME, PROFILES, compose_params, compose_yaml, load_params, stage_params,
                                stage_spec)
 
 CONF = REPO_ROOT / CONF_DIR
@@ -60,9 +60,9 @@ def test_keys_the_library_reads_are_in_every_profile(profile):
     benchmarks, decompress --refine) and the runner's check of `processes` find their keys."""
     from dataclasses import fields
 
-    from nifi_utils.distill import DistillConfig
-    from nifi_utils.prior import PriorConfig
-    from nifi_utils.refine import RefineConfig
+    from nifi_utils.models.distill import DistillConfig
+    from nifi_utils.models.prior import PriorConfig
+    from nifi_utils.models.refine import RefineConfig
 
     assert {f.name for f in fields(PriorConfig)} <= set(stage_params("prior", profile))
     assert {f.name for f in fields(DistillConfig)} <= set(stage_params("distill", profile))
@@ -123,9 +123,9 @@ def test_every_key_has_one_comment_in_its_stage_file(stage):
 
 def test_committed_params_yaml_is_the_cpu_composition_of_conf():
     """`dvc repro` (and `make repro`) read the committed params.yaml: it must be what `dvc exp run` composes from conf/
-    for the default profile, byte for byte (`python -m nifi_utils.params` rewrites it)."""
+    for the default profile, byte for byte (`python -m nifi_utils.pipeline.params` rewrites it)."""
     assert (REPO_ROOT / "params.yaml").read_text() == compose_yaml(), \
-        "params.yaml is not conf/ composed: run `python -m nifi_utils.params`"
+        "params.yaml is not conf/ composed: run `python -m nifi_utils.pipeline.params`"
     assert load_params()["profile"] == "cpu"
     dvc_config = configparser.ConfigParser()
     dvc_config.read(REPO_ROOT / ".dvc" / "config")
@@ -153,7 +153,7 @@ def test_overrides_compose_like_dvc_exp_run_set_param(tmp_path):
 
 
 def test_params_command_writes_what_dvc_exp_run_writes(tmp_path, monkeypatch, capsys):
-    import nifi_utils.params as P
+    import nifi_utils.pipeline.params as P
 
     real = P.repo_path
     monkeypatch.setattr(P, "repo_path", lambda *parts: tmp_path / "params.yaml" if parts == ("params.yaml",) else real(*parts))
@@ -164,7 +164,7 @@ def test_params_command_writes_what_dvc_exp_run_writes(tmp_path, monkeypatch, ca
 
 def test_dvc_stages_use_the_profile_in_every_output():
     for name, st in DVC["stages"].items():
-        assert st["cmd"].startswith("python -m nifi_utils.run " + name)
+        assert st["cmd"].startswith("python -m nifi_utils.pipeline.run " + name)
         for o in st["outs"]:
             o = next(iter(o)) if isinstance(o, dict) else o
             assert "${profile}" in o, f"stage {name}: output {o} is not per profile"
@@ -231,7 +231,7 @@ def _env():
 
 @pytest.mark.slow
 def test_runner_on_the_tiny_profile_writes_outputs():
-    r = subprocess.run([sys.executable, "-m", "nifi_utils.run", "scenes", "--profile", "tiny", "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "nifi_utils.pipeline.run", "scenes", "--profile", "tiny", "--quiet"],
                        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     spec = stage_spec("scenes", "tiny")
@@ -252,13 +252,13 @@ def test_synthesis_stage_on_tiny_and_decompress_render_matches():
     """The stage's files are what its report says, and decompress + render reproduces its renders."""
     from PIL import Image
 
-    from nifi_utils.cli import main as cli
+    from nifi_utils.pipeline.cli import main as cli
 
     env = _env()
     if not (REPO_ROOT / "data/tiny/scenes").is_dir():
-        subprocess.run([sys.executable, "-m", "nifi_utils.run", "scenes", "--profile", "tiny", "--quiet"],
+        subprocess.run([sys.executable, "-m", "nifi_utils.pipeline.run", "scenes", "--profile", "tiny", "--quiet"],
                        cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=600)
-    r = subprocess.run([sys.executable, "-m", "nifi_utils.run", "synthesis", "--profile", "tiny", "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "nifi_utils.pipeline.run", "synthesis", "--profile", "tiny", "--quiet"],
                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     for o in stage_spec("synthesis", "tiny").outs:
@@ -298,8 +298,8 @@ def test_synthesis_stage_on_tiny_and_decompress_render_matches():
 
 @pytest.mark.slow
 def test_runner_names_the_failing_cell(tmp_path, monkeypatch):
-    import nifi_utils.run as run
-    from nifi_utils.params import StageSpec
+    import nifi_utils.pipeline.run as run
+    from nifi_utils.pipeline.params import StageSpec
 
     nb = tmp_path / "bad.py"
     nb.write_text('# %% tags=["parameters"]\nprofile = "tiny"\n\n# %%\nx = 1\n\n# %%\nraise ValueError("boom")\n')
@@ -347,7 +347,7 @@ def test_stage_times_are_recorded_merged_and_tabled(tmp_path, monkeypatch):
     import json
     import sys
 
-    from nifi_utils import run as R
+    from nifi_utils.pipeline import run as R
 
     monkeypatch.setattr(R, "REPO_ROOT", tmp_path)
     R.record_timing("cpu", "distill", 900.0, 1.0, 2.0)

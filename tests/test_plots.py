@@ -9,8 +9,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nifi_utils import plots  # noqa: E402
-from nifi_utils.common import REPO_ROOT, NifiError  # noqa: E402
+from nifi_utils.eval import plots  # noqa: E402
+from nifi_utils.core.common import REPO_ROOT, NifiError  # noqa: E402
 
 METRICS = ["psnr", "ssim", "stlpips_alex", "stlpips_vgg", "mv_consistency"]
 # stlpips_alex (lower better): nifi < nifi_no_tsd < nifi_wo_t0 < img2img < bm3d < compressed; 3dgs best of all but unranked.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nifi_utils import plots_offline
+from nifi_utils.pipeline import plots_offline
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_MODULES = ROOT / ".venv" / "npm" / "node_modules"  # written by `make setup`

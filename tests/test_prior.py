@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
-from nifi_utils.models import patch_autoencoder_class, save_prior
-from nifi_utils.prior import PriorConfig, augment, build_prior, fit_patch_pca, shifted_sigmas, training_sigmas
-from nifi_utils.restorer import Restorer, vae_lora_targets
+from nifi_utils.models.folders import patch_autoencoder_class, save_prior
+from nifi_utils.models.prior import PriorConfig, augment, build_prior, fit_patch_pca, shifted_sigmas, training_sigmas
+from nifi_utils.models.restorer import Restorer, vae_lora_targets
 
 
 def _images(n=6, size=32, seed=0):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from nifi_utils import prior_gpu
-from nifi_utils.common import repo_path
-from nifi_utils.prior import PriorConfig, build_transformer, train_transformer, training_images, training_sigmas
-from nifi_utils.restorer import Restorer
+from nifi_utils.core.common import repo_path
+from nifi_utils.models.prior import PriorConfig, build_transformer, train_transformer, training_images, training_sigmas
+from nifi_utils.models.restorer import Restorer
 
 TINY_PRIOR = repo_path("data", "tiny", "prior")
 
@@ -171,7 +171,7 @@ def _reference_loop(restorer, latents, cfg, seed, log):
 def _tiny_restorer(cfg, seed=0):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from nifi_utils.prior import prompt_embeddings
+    from nifi_utils.models.prior import prompt_embeddings
 
     torch.manual_seed(seed)
     return Restorer(None, build_transformer(cfg), FlowMatchEulerDiscreteScheduler(shift=cfg.shift),

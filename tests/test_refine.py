@@ -1,4 +1,4 @@
-"""NiFi-3D at the receiver (nifi_utils.refine): cameras around the content, densification, a fit that
+"""NiFi-3D at the receiver (nifi_utils.models.refine): cameras around the content, densification, a fit that
 cannot diverge, and the `decompress --refine` command line."""
 import subprocess
 import sys
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from nifi_utils import codec
-from nifi_utils.common import REPO_ROOT, NifiError
-from nifi_utils.gaussians import GaussianScene, read_ply
-from nifi_utils.metrics import psnr
-from nifi_utils.refine import (RefineConfig, content_frame, densify, orbit_cameras, refine_scene, render_all,
+from nifi_utils.codec import container as codec
+from nifi_utils.core.common import REPO_ROOT, NifiError
+from nifi_utils.gs.gaussians import GaussianScene, read_ply
+from nifi_utils.measure.metrics import psnr
+from nifi_utils.models.refine import (RefineConfig, content_frame, densify, orbit_cameras, refine_scene, render_all,
                                render_meta)
 
 
@@ -127,14 +127,14 @@ def test_cameras_that_see_nothing_are_one_clear_error():
 
 @pytest.fixture(scope="module")
 def refine_files(tmp_path_factory):
-    from nifi_utils.models import save_prior, tiny_sd3
+    from nifi_utils.models.folders import save_prior, tiny_sd3
 
     root = tmp_path_factory.mktemp("refine")
     r = tiny_sd3(seed=0)
     save_prior(r, root / "prior")
     r.add_lora(rank=4)
     r.save_lora(root / "nifi.pt")
-    from nifi_utils.models import TinySD3Config
+    from nifi_utils.models.folders import TinySD3Config
 
     other = tiny_sd3(TinySD3Config(dit_head_dim=16), seed=1)  # another prior: its LoRA has other shapes
     other.add_lora(rank=2)

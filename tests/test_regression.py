@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from nifi_utils.cli import main
-from nifi_utils.common import NifiError
-from nifi_utils.distill import HeldoutEval, PairSet
-from nifi_utils.regression import RegressionConfig, RegressionUNet, load_regression, save_regression, train_regression
-from nifi_utils.restorer import read_image, write_image
+from nifi_utils.pipeline.cli import main
+from nifi_utils.core.common import NifiError
+from nifi_utils.models.distill import HeldoutEval, PairSet
+from nifi_utils.models.regression import RegressionConfig, RegressionUNet, load_regression, save_regression, train_regression
+from nifi_utils.models.restorer import read_image, write_image
 
 
 def test_starts_as_the_identity_at_any_size():

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from nifi_utils.gaussians import GaussianScene
-from nifi_utils.render import rasterization, rasterization_dense, render
+from nifi_utils.gs.gaussians import GaussianScene
+from dense_raster import rasterization_dense
+from nifi_utils.gs.render import rasterization, render
 
 from conftest import front_camera, random_scene
 
@@ -39,7 +40,7 @@ def test_float64_paths_agree_exactly():
 
 
 def _stack_scene(opacities, colors):
-    from nifi_utils.gaussians import GaussianScene, rgb_to_sh0
+    from nifi_utils.gs.gaussians import GaussianScene, rgb_to_sh0
 
     n = len(opacities)
     op = torch.tensor(opacities, dtype=torch.float64)
@@ -51,7 +52,7 @@ def _stack_scene(opacities, colors):
 
 def test_compositing_rules_on_a_stack_of_gaussians():
     """Front-to-back order, the 0.999 alpha clamp and gsplat's exclusive stop at T <= 1e-4."""
-    from nifi_utils.cameras import Camera, look_at
+    from nifi_utils.gs.cameras import Camera, look_at
 
     # the pixel (8, 8) has its centre at (8.5, 8.5), exactly under every mean: alpha = opacity
     cam = Camera(look_at([0, 0, 5], [0, 0, 0], up=(0, 1, 0)), 20, 20, 8.5, 8.5, 16, 16)
@@ -83,7 +84,7 @@ def test_gradients_match_finite_differences():
     w = torch.randn(10, 12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def loss(*ps):
-        from nifi_utils.gaussians import GaussianScene
+        from nifi_utils.gs.gaussians import GaussianScene
 
         s = GaussianScene(*ps)
         o = render(s, cam, background=(0.3, 0.3, 0.3))
@@ -122,7 +123,7 @@ def test_cpu_path_matches_gsplat_cuda():
 
 def test_checkpointed_and_kept_batches_give_the_same_gradients():
     """Large renders recompute tile batches in backward (bounded memory); small ones keep them."""
-    from nifi_utils.render import project_gaussians, rasterize_tiles
+    from nifi_utils.gs.render import project_gaussians, rasterize_tiles
 
     scene = random_scene(n=300, seed=9)
     cam = front_camera(32, 24)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nifi_utils.cli import main
-from nifi_utils.common import REPO_ROOT, NifiError
-from nifi_utils.models import save_prior, tiny_sd3
-from nifi_utils.restorer import TRANSFORMER_LORA_TARGETS, Restorer, read_image, vae_lora_targets, write_image
+from nifi_utils.pipeline.cli import main
+from nifi_utils.core.common import REPO_ROOT, NifiError
+from nifi_utils.models.folders import save_prior, tiny_sd3
+from nifi_utils.models.restorer import TRANSFORMER_LORA_TARGETS, Restorer, read_image, vae_lora_targets, write_image
 
 
 def _randomize_lora(r, seed=0, std=0.05):
@@ -348,7 +348,7 @@ def test_restore_without_flags_uses_the_checkpoints_t0_and_latent(prior, tmp_pat
 def test_restore_without_flags_gives_the_benchmarks_nifi_images(prior, tmp_path):
     """The benchmark restores each variant with the t0 and latent mode of its distill config; the CLI with no flags
     reads them from the checkpoint: both give the same image (issue 30: a new user's first restore is the benchmark's)."""
-    from nifi_utils import benchmark as B
+    from nifi_utils.eval import benchmark as B
 
     base, _, _ = prior
     r = Restorer.from_pretrained(base)

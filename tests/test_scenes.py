@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-import nifi_utils.scenes as sc
-from nifi_utils.common import NifiError
+import nifi_utils.gs.scenes as sc
+from nifi_utils.core.common import NifiError
 
 
 def _spec(seed=5, split="train", n=3000):
@@ -28,7 +28,7 @@ def test_scene_content():
     # view-dependent colour exists: SH bands above DC are not all zero
     assert scene.sh[:, 1:].abs().max() > 0
     # every camera sees the scene
-    from nifi_utils.render import render
+    from nifi_utils.gs.render import render
 
     for cam in list(cams)[:3]:
         assert render(scene, cam)["alpha"].mean() > 0.9
@@ -98,7 +98,7 @@ def test_colmap_import(tmp_path):
 
     random_scene(n=20).save_ply(tmp_path / "pc.ply")
     out = sc.import_colmap_scene("ds", tmp_path / "ds", tmp_path / "pc.ply", tmp_path / "out", max_width=100)
-    from nifi_utils.cameras import read_transforms
+    from nifi_utils.gs.cameras import read_transforms
 
     cams = read_transforms(out / "transforms.json")
     assert [c.name for c in cams] == [f"img_{i:03d}" for i in range(10)]

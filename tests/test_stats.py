@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nifi_utils.common import NifiError
-from nifi_utils.stats import interval, mean_ci, paired_difference, relative_gain, scene_view_bootstrap, tiers
+from nifi_utils.core.common import NifiError
+from nifi_utils.measure.stats import interval, mean_ci, paired_difference, relative_gain, scene_view_bootstrap, tiers
 
 
 def _frame(rng, mu, n_scenes=10, n_views=5, scene_sd=0.5, view_sd=0.5, shared=None):

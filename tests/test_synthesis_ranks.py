@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from nifi_utils.common import NifiError
-from nifi_utils.scenes import SceneSpec, build_scenes
-from nifi_utils.synthesis import OUTPUT_DIRS, SynthesisConfig, synthesize, synthesize_ranks
+from nifi_utils.core.common import NifiError
+from nifi_utils.gs.scenes import SceneSpec, build_scenes
+from nifi_utils.pipeline.synthesis import OUTPUT_DIRS, SynthesisConfig, synthesize, synthesize_ranks
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif((os.cpu_count() or 1) < 2 and not torch.cuda.is_available(), reason="needs 2 cores")]

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from nifi_utils import codec, viewer
-from nifi_utils.cameras import CameraSet, write_transforms
-from nifi_utils.common import REPO_ROOT
-from nifi_utils.gaussians import GaussianScene, read_ply
-from nifi_utils.splat_tools import missing_reason, run_splat_transform, splat_transform_path
+from nifi_utils.codec import container as codec
+from nifi_utils.eval import viewer
+from nifi_utils.gs.cameras import CameraSet, write_transforms
+from nifi_utils.core.common import REPO_ROOT
+from nifi_utils.gs.gaussians import GaussianScene, read_ply
+from nifi_utils.gs.splat_tools import missing_reason, run_splat_transform, splat_transform_path
 
 from conftest import front_camera, random_scene
 

@@ -5,10 +5,10 @@ import hashlib
 import pytest
 import torch
 
-from nifi_utils.common import NifiError
-from nifi_utils.distill import DistillConfig, HeldoutEval, PairSet, train_variants
-from nifi_utils.models import save_prior, tiny_sd3
-from nifi_utils.scenes import SceneSpec, build_scenes
+from nifi_utils.core.common import NifiError
+from nifi_utils.models.distill import DistillConfig, HeldoutEval, PairSet, train_variants
+from nifi_utils.models.folders import save_prior, tiny_sd3
+from nifi_utils.gs.scenes import SceneSpec, build_scenes
 
 
 def _specs():
@@ -45,7 +45,8 @@ def _pairs(n=4, size=32):
 
 def _jobs(tmp_path, base, tag):
     pairs = _pairs()
-    held = HeldoutEval(pairs.lq[:2].float() / 255, pairs.hq[:2].float() / 255, torch.zeros(2, dtype=torch.long).numpy(), 0)
+    held = HeldoutEval(pairs.lq[:2].float() / 255, pairs.hq[:2].float() / 255, torch.zeros(2, dtype=torch.long).numpy(), 0,
+                       trained="stlpips_vgg")
     cfg = dict(rank=2, critic_rank=2, batch=2, crop=32, cfg_scale=2.0, steps=2, eval_every=1, checkpoint_every=0,
                perceptual_weight=0.0, seed=0)
     return [{"name": name, "cfg": DistillConfig(**{**cfg, **over}), "base_model": str(base),
