@@ -8,8 +8,7 @@ scene): for every level of one evaluation scene, decode the `.nifi`, re-encode i
   `.compressed.ply` from the pinned splat-transform (bytes and test-view PSNR; skipped rows with the
   reason where it is absent), and zstd (level 19) / lzma (preset 9e) on our symbols packed
   channel-major; for the main scene in detail and for every evaluation scene's levels in `anchors`;
-- bits per Gaussian per attribute group, for the current coder and the version-1 coder ("before",
-  `codec_v1.encode_v1`) on the same Gaussians; encode/decode throughput (Gaussians/s, also at 80k);
+- bits per Gaussian per attribute group; encode/decode throughput (Gaussians/s, also at 80k);
 - position bits 8..16 on the uncompressed scene: PSNR of the test-view renders against float
   positions (only positions quantized), and the file size.
 Writes benchmarks/results/codec.json.
@@ -48,15 +47,11 @@ def by_attribute(per_channel: dict) -> dict:
 
 
 def level_row(scene, deg, bits, pos_bits, ply_bytes):
-    from nifi_utils import codec_v1
     from nifi_utils.codec import container as codec
     from nifi_utils.eval.anchors import packed_symbols, raw_symbols, symbol_anchor_rows
 
     enc, t_enc = timed(lambda: codec.encode_scene(scene, sh_degree=deg, bits=bits, pos_bits=pos_bits))
     dec, t_dec = timed(lambda: codec.decode_bytes(enc.data), repeats=5)
-    v1 = codec_v1.encode_v1(scene, deg, bits, pos_bits)
-    dec_v1, t_dec_v1 = timed(lambda: codec.decode_bytes(v1.data), repeats=5)
-    same = all(torch.equal(a, b) for a, b in zip(dec[0].tensors().values(), dec_v1[0].tensors().values()))
     hist = codec.encode_scene(scene, sh_degree=deg, bits=bits, pos_bits=pos_bits, models=("categorical",))
     raw = packed_symbols(*raw_symbols(scene, deg, bits, pos_bits))
     sym_anchors = {r["anchor"]: r["bytes"] for r in symbol_anchor_rows(scene, deg, bits, pos_bits)}
@@ -75,10 +70,6 @@ def level_row(scene, deg, bits, pos_bits, ply_bytes):
         "bits_per_gaussian": enc.stats["bits_per_gaussian"],
         "bits_per_gaussian_by_attribute": by_attribute(enc.stats["channel_bits_per_gaussian"]),
         "transforms": enc.stats["transforms"], "contexts": enc.stats["contexts"],
-        # version 1 (one model per channel, raw or delta): the "before" of the context-modelled coder
-        "v1_bytes": v1.nbytes, "v1_bits_per_gaussian": v1.stats["bits_per_gaussian"],
-        "v1_bits_per_gaussian_by_attribute": by_attribute(v1.stats["channel_bits_per_gaussian"]),
-        "v2_over_v1": enc.nbytes / v1.nbytes, "v1_v2_decode_identical": same, "v1_decode_s": t_dec_v1,
         "encode_s": t_enc, "decode_s": t_dec, "decode_ms": 1e3 * t_dec,
         "encode_gaussians_per_s": len(scene) / t_enc, "decode_gaussians_per_s": len(scene) / t_dec,
     }
@@ -192,7 +183,7 @@ def main():
         row["level"] = l
         levels.append(row)
         print(json.dumps({k: row[k] for k in ("level", "n_gaussians", "bytes", "file_over_entropy_bound",
-                                              "histograms_only_payload_over_entropy", "zstd19_bytes", "lzma9e_bytes", "v1_bytes", "decode_ms")}))
+                                              "histograms_only_payload_over_entropy", "zstd19_bytes", "lzma9e_bytes", "decode_ms")}))
     full_row = level_row(full, full.sh_degree, p["bits"], p["pos_bits"], ply_bytes)
     # The stored levels are already quantized, so the sweep uses the uncompressed scene's float positions.
     bg = tuple(p["background"])
@@ -209,7 +200,6 @@ def main():
         "smaller_than_zstd19_and_lzma": all(r["bytes"] < min(v for v in (r["zstd19_bytes"], r["lzma9e_bytes"]) if v)
                                             for r in levels + [full_row]),
         "smaller_than_every_anchor": all(v["nifi_over_best_anchor_max"] < 1 for v in summary.values()) if summary else None,
-        "v1_and_v2_decode_to_identical_gaussians": all(r["v1_v2_decode_identical"] for r in levels + [full_row]),
         "level_decode_under_50ms": all(r["decode_s"] < 0.05 for r in levels),
         "10pct_below_best_anchor": all(v["nifi_over_best_anchor_max"] <= 0.9 for v in summary.values()) if summary else None,
     }
@@ -221,7 +211,7 @@ def main():
                     "coded symbols (per channel and context, after prediction; position gaps: bit length + the "
                     "bits below the leading one) + histograms + header. Bits per attribute: the model's ideal "
                     "code length + its side information (positions are coded jointly, their cost split evenly "
-                    "over x, y, z); v1_* is the version-1 coder on the same Gaussians. Times: best of 3 (encode) "
+                    "over x, y, z). Times: best of 3 (encode) "
                     "or 5 (decode) on this machine's shared cores.",
            "provenance": provenance(args.profile, 0, "cpu")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,9 @@
 # (`point_cloud.ply`, `transforms.json`, `images/*.png`), `reports/<profile>/scenes.json`,
 # `reports/<profile>/figures/scenes_contact_sheet.png`.
 #
-# **Runtime.** `tiny` ~10-15 s · `cpu` 76 s on 2 idle cores with `workers: 2` (cold `make repro`; the
-# compositor was 84 % of it before it learnt to skip the pairs that do not contribute: 175 s; the cell below
-# prints this run's time) · `paper`: copying the datasets.
+# **Runtime.** Rendering the supersampled ground-truth views dominates; scenes are built side by side over
+# `workers` processes. The checks cell prints this run's time, and `reports/<profile>/timings.json` keeps the last
+# run of every stage. `paper`: copying the datasets.
 
 # %% tags=["parameters"]
 profile = "tiny"

@@ -22,9 +22,9 @@
 # (`clean/`, `level<l>/`), `data/<profile>/renders/<scene>/` (`gt/`, `uncompressed/`, `level<l>/`,
 # external codecs), `reports/<profile>/synthesis.json`, `reports/<profile>/figures/artifacts_per_rate.png`.
 #
-# **Runtime.** `tiny` ~10 s · `cpu` 349 s on 2 idle cores (14 scenes on 2 ranks; QAT fine-tuning through
-# the CPU rasterizer dominates; the last cell prints this run's time) · `paper`: per scene, minutes on a GPU; `processes` = the GPUs (one rank
-# each through `accelerate launch`).
+# **Runtime.** QAT fine-tuning through the rasterizer dominates; scenes run side by side on `processes` ranks
+# (on `paper`, one per GPU through `accelerate launch`). The last cell prints this run's time, and
+# `reports/<profile>/timings.json` keeps the last run of every stage.
 
 # %% tags=["parameters"]
 profile = "tiny"
@@ -56,18 +56,18 @@ anchors = ["spz"]
 
 # %%
 import json
-import shutil
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-from PIL import Image
 
 from nifi_utils.core.common import pick_device, provenance, repo_path
-from nifi_utils.pipeline.lab import require_inputs
-from nifi_utils.measure.metrics import METRIC_BACKENDS, psnr, stlpips
+from nifi_utils.core.images import read_rgb
 from nifi_utils.core.launch import check_processes
-from nifi_utils.pipeline.synthesis import SynthesisConfig, synthesize, synthesize_ranks
+from nifi_utils.measure.metrics import METRIC_BACKENDS
+from nifi_utils.pipeline.lab import require_inputs
+from nifi_utils.pipeline.synthesis import (SynthesisConfig, clear_outputs, import_external_codec, scene_folders,
+                                           synthesize, synthesize_ranks)
 
 require_inputs("synthesis", profile)  # an upstream output missing: one line naming what to run first, nothing written
 params = dict(n_levels=n_levels, c_min=c_min, n_max=n_max, sh_degrees=sh_degrees, scoring=scoring,
@@ -80,10 +80,8 @@ scenes_root = repo_path("data", profile, "scenes")
 data_root = repo_path("data", profile)
 report_path = repo_path("reports", profile, "synthesis.json")
 fig_path = repo_path("reports", profile, "figures", "artifacts_per_rate.png")
-for sub in ("bitstreams", "pairs", "renders", "records"):
-    shutil.rmtree(data_root / sub, ignore_errors=True)  # never mix two runs' outputs
-scene_dirs = sorted(d for d in scenes_root.iterdir() if d.is_dir())
-assert scene_dirs, f"no scenes in {scenes_root}: run the scenes stage first"
+scene_dirs = scene_folders(scenes_root)
+clear_outputs(data_root)  # never mix two runs' outputs
 device = pick_device("auto")
 t_start = time.time()
 print(f"{len(scene_dirs)} scenes, codec config: {cfg}")
@@ -109,35 +107,14 @@ print(f"codec done in {time.time() - t_start:.0f} s")
 # copied next to ours and scored the same way, with the bitstream size the user states. Each entry:
 # `{name, scene, rate, folder, bytes}` or `{..., bitstreams}` (the codec's output file or folder, whose size
 # is the rate); `folder` holds one PNG per test view, named like the test views in `data/<profile>/renders/<scene>/gt/`.
+# `import_external_codec` checks an entry completely (scene, folder, size, one PNG of the right shape per test
+# view) before it writes anything; a problem stops the stage with one line naming the entry.
 
 # %%
-external = []
-for e in external_codecs:
-    src = repo_path(e["folder"])
-    gt_dir = data_root / "renders" / e["scene"] / "gt"
-    assert gt_dir.is_dir(), f"external codec {e['name']}: scene {e['scene']!r} is not a scene of this profile"
-    assert src.is_dir(), f"external codec {e['name']}: folder {src} not found"
-    if e.get("bitstreams"):  # the codec's own output (a file, or a folder such as HAC++'s bitstreams/): its size is the rate
-        bs = repo_path(e["bitstreams"])
-        assert bs.exists(), f"external codec {e['name']}: bitstreams {bs} not found"
-        e = {**e, "bytes": bs.stat().st_size if bs.is_file() else sum(f.stat().st_size for f in bs.rglob("*") if f.is_file())}
-    assert int(e.get("bytes", 0)) > 0, f"external codec {e['name']}: give `bytes` (the bitstream size) or `bitstreams` (its path)"
-    dst = data_root / "renders" / e["scene"] / f"external_{e['name']}_{e['rate']}"
-    dst.mkdir(parents=True, exist_ok=True)
-    ps, ls = [], []
-    for gt_file in sorted(gt_dir.glob("*.png")):
-        cand = src / gt_file.name
-        assert cand.is_file(), f"external codec {e['name']}: {cand} missing (one PNG per test view)"
-        im = np.asarray(Image.open(cand).convert("RGB"))
-        gt = np.asarray(Image.open(gt_file).convert("RGB"))
-        assert im.shape == gt.shape, f"external codec {e['name']}: {cand.name} is {im.shape}, GT is {gt.shape}"
-        Image.fromarray(im).save(dst / gt_file.name)
-        ps.append(psnr(im, gt)), ls.append(float(stlpips(im, gt)))
-    rec = next(r for r in records if r["scene"] == e["scene"])
-    external.append({"name": e["name"], "scene": e["scene"], "rate": e["rate"], "bytes": int(e["bytes"]),
-                     "MB": int(e["bytes"]) / 1e6, "MiB": int(e["bytes"]) / 2**20,
-                     "ratio_to_ply": rec["ply_bytes"] / int(e["bytes"]), "psnr": float(np.mean(ps)),
-                     "stlpips_alex": float(np.mean(ls)), "folder": str(dst.relative_to(data_root))})
+external = [import_external_codec(e, data_root, records) for e in external_codecs]
+for x in external:
+    print(f"{x['name']} {x['scene']} {x['rate']}: {x['bytes']} bytes ({x['ratio_to_ply']:.0f}x), "
+          f"PSNR {x['psnr']:.2f} dB, ST-LPIPS {x['stlpips_alex']:.4f}")
 print(f"{len(external)} external codec entries")
 
 # %% [markdown]
@@ -235,7 +212,7 @@ for lv in fig_rec["levels"]:
                    f"({lv['ratio_to_ply']:.0f}x), ST-LPIPS {lv['stlpips_alex']:.3f}", rdir / f"level{lv['level']}" / vname))
 fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.1))
 for ax, (title, path) in zip(axes, panels):
-    ax.imshow(Image.open(path))
+    ax.imshow(read_rgb(path))
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 fig.suptitle(f"{profile}: {fig_rec['scene']} / {vname}", fontsize=9)

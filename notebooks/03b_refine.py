@@ -25,8 +25,9 @@
 # `reports/<p>/figures/refine_views.png`. The benchmark (notebook 04) renders the refined scenes at the
 # test cameras (`nifi_3d`) and restores those renders once more per frame (`nifi_3d_plus`).
 #
-# **Runtime.** `tiny` seconds · `cpu` 161 s on 2 idle cores (two worker processes, one thread each) ·
-# `paper`: minutes per scene on a GPU (gsplat).
+# **Runtime.** The (scene, rate) jobs run side by side over `workers` processes, one thread each; `paper` renders
+# on a GPU (gsplat). The last cell prints this run's time, and `reports/<profile>/timings.json` keeps the last run
+# of every stage.
 
 # %% tags=["parameters"]
 profile = "tiny"

@@ -23,8 +23,8 @@
 # `reports/<p>/metrics.json` (DVC metrics: means per method and rate, provenance),
 # `data/<p>/benchmark/<method>/<scene>/<rate>/<view>.png` (restored images), `reports/<p>/figures/consistency.png`.
 #
-# **Runtime.** `tiny` ~30 s · `cpu` 233 s on 2 idle cores (BM3D, ~100 s on two processes, and the restorers'
-# one-image timings dominate; the last cell prints this run's time) · `paper`: minutes per scene on a GPU.
+# **Runtime.** BM3D (spread over the cores) and the restorers' one-image timings dominate. The last cell prints
+# this run's time, and `reports/<profile>/timings.json` keeps the last run of every stage.
 
 # %% tags=["parameters"]
 profile = "tiny"
@@ -47,13 +47,14 @@ external_restorers = []
 # %%
 import importlib.metadata as md
 import json
+import os
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from nifi_utils.eval import benchmark as B
-from nifi_utils.core.common import pick_device, provenance, repo_path, seed_everything
+from nifi_utils.core.common import NifiError, pick_device, provenance, repo_path, seed_everything
 from nifi_utils.pipeline.lab import require_inputs
 from nifi_utils.measure.metrics import METRIC_BACKENDS, metric_available
 
@@ -68,9 +69,11 @@ distill = json.loads(repo_path("reports", profile, "distill.json").read_text())
 prior_report = json.loads(repo_path("reports", profile, "prior.json").read_text())
 scene_meta = {d.name: json.loads((d / "transforms.json").read_text()) for d in sorted((data / "scenes").iterdir()) if d.is_dir()}
 eval_scenes = [s for s, m in scene_meta.items() if m.get("split", "eval") == "eval"]
-assert eval_scenes, f"no evaluation scenes under {data / 'scenes'}"
+if not eval_scenes:
+    raise NifiError(f"no evaluation scenes under {data / 'scenes'}")
 unknown = sorted(set(methods) - set(B.METHOD_ORDER))
-assert not unknown, f"unknown methods {unknown}; known: {B.METHOD_ORDER[2:]} (+ external_restorers)"
+if unknown:
+    raise NifiError(f"unknown methods {unknown}; known: {B.METHOD_ORDER[2:]} (+ external_restorers)")
 # the perceptual network the learned restorers trained on, and the one that judges them (held out): distill's choice
 perceptual, judge = distill["perceptual"], distill["judge"]
 print(f"restorers trained on {perceptual}; judged on {judge} (held out)")
@@ -112,7 +115,7 @@ print(f"{len(inputs)} (scene, codec, rate) inputs x {len(next(iter(views.values(
 
 # %%
 bm3d_sigma, bm3d_losses = (B.tune_bm3d_sigma(data / "pairs", bm3d_sigmas, bm3d_tune_pairs, perceptual,
-                                            workers=__import__("os").cpu_count() or 1, seed=seed)
+                                            workers=os.cpu_count() or 1, seed=seed)
                            if "bm3d" in methods else (None, {}))
 if bm3d_losses:
     print("BM3D sigma on training pairs (8-bit steps: l2 + " + perceptual + "): "
@@ -122,7 +125,8 @@ outputs = B.run_methods(methods, lq, views, data / "benchmark", dev, repo_path(b
                         t0, img2img_steps, img2img_guidance, tile or None, seed, bm3d_sigma)
 for e in external_restorers:  # other tools' restored images of the same inputs
     k = next((k for k in lq if k[0] == e["scene"] and k[2] == e["rate"]), None)
-    assert k is not None, f"external restorer {e.get('name')}: no input for scene {e.get('scene')!r} rate {e.get('rate')!r}"
+    if k is None:
+        raise NifiError(f"external restorer {e.get('name')}: no input for scene {e.get('scene')!r} rate {e.get('rate')!r}")
     ims = B.external_restorer_images({**e, "folder": repo_path(e["folder"])}, views[k[0]], gt[k[0]][0].shape)
     outputs[(f"external_{e['name']}", *k)] = ([B.save_rgb(im, data / "benchmark" / f"external_{e['name']}" / k[0] / k[2] / v)
                                               for v, im in zip(views[k[0]], ims)], [float("nan")] * len(ims))
@@ -192,7 +196,7 @@ plt.show()
 #   and a held-out gain at least 0.6 x the trained gain (a gain on the trained metric alone: the metric was learnt);
 # - `nifi_wo_t0` worse than `nifi` on the held-out metric at >= 2 rates; no lattice: NiFi's and w/o t0's
 #   periodic-artifact excess over the ground truth <= 0.05 (upper bound <= 0.10);
-# - NiFi-3D (issue 15): the refined 3DGS alone at least 20 % better than compressed on the trained metric (lower
+# - NiFi-3D: the refined 3DGS alone at least 20 % better than compressed on the trained metric (lower
 #   bound), PSNR at most 0.3 dB below it, multi-view inconsistency not above compressed's (upper bound of the paired
 #   difference <= 0.05); refined + per-frame NiFi better than NiFi on that metric and PSNR.
 #

@@ -20,7 +20,8 @@
 # **Outputs.** `reports/<profile>/figures/rd_curves.{png,pdf}`, `reports/<profile>/rd_curves.csv`
 # (DVC plots), `reports/<profile>/table1.{csv,md,tex}`, `reports/<profile>/figures/qualitative_grid.png`.
 #
-# **Runtime.** A few seconds in every profile (no model is run: this stage only reads and draws).
+# **Runtime.** No model runs: this stage only reads and draws. The last cell prints this run's time, and
+# `reports/<profile>/timings.json` keeps the last run of every stage.
 
 # %% tags=["parameters"]
 profile = "tiny"

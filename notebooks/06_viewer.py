@@ -17,8 +17,9 @@
 # **Outputs.** `reports/<profile>/viewer/`: `index.html`, `<scene>.html`, `viewer.json` (sizes, times,
 # browser check).
 #
-# **Runtime.** About 5-8 s per scene on 2 cores (the uncompressed scene's conversion dominates); the
-# optional browser check adds a few seconds per page.
+# **Runtime.** The uncompressed scene's conversion dominates each page; the optional browser check opens the
+# pages once more. The summary cell prints this run's time, and `reports/<profile>/timings.json` keeps the last run
+# of every stage.
 
 # %% tags=["parameters"]
 profile = "tiny"

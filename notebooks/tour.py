@@ -18,7 +18,8 @@
 # `make repro` wrote them, otherwise the `tiny` profile's (`make lab` prepares them). `profile = ""` picks in that
 # order; name one to choose. **Outputs.** None (figures inline).
 #
-# **Runtime.** Seconds on either profile (it only reads images and tables; the viewer page loads in the browser).
+# **Runtime.** It only reads images and tables (the viewer page loads in the browser); how long the stages that
+# made them took is read from `reports/<profile>/timings.json` at the end.
 
 # %% tags=["parameters"]
 profile = ""
@@ -32,13 +33,12 @@ import json
 import os
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 from IPython.display import IFrame, display
-from PIL import Image
 
-from nifi_utils.eval import plots
 from nifi_utils.core.common import repo_path
+from nifi_utils.core.images import read_rgb
+from nifi_utils.eval import plots
 from nifi_utils.pipeline.lab import pick_profile, require_outputs
 
 SHOWN = ["scenes", "synthesis", "distill", "benchmark", "viewer"]  # the stages whose outputs this tour reads
@@ -49,14 +49,15 @@ else:
 data, reports = repo_path("data", profile), repo_path("reports", profile)
 synthesis = json.loads((reports / "synthesis.json").read_text())
 distill = json.loads((reports / "distill.json").read_text())
-# the perceptual network the restorers train on, and the one that judges them (never trained on); runs that did not
-# record them trained on ST-LPIPS alex and were judged on vgg
-trained, judge = distill.get("perceptual", "stlpips_alex"), distill.get("judge", "stlpips_vgg")
+# the perceptual network the restorers train on, and the one that judges them (never trained on)
+trained, judge = distill["perceptual"], distill["judge"]
 records = {r["scene"]: r for r in synthesis["scenes"]}
 eval_scenes = [s for s, r in records.items() if r["split"] == "eval"]
+# every score, one row per method, codec, rate, scene and test view (view names as written: '0008.png')
+bench = plots.load_benchmark(reports / "benchmark.csv")
+bench = bench[bench["scene"].isin(eval_scenes)]
 scene = scene or eval_scenes[0]
-gt_dir = data / "renders" / scene / "gt"
-views = sorted(p.name for p in gt_dir.glob("*.png"))
+views = sorted(bench.loc[bench["scene"] == scene, "view"].unique())
 vname = views[view]
 rec = records[scene]
 levels = [f"level{lv['level']}" for lv in rec["levels"]]
@@ -65,20 +66,9 @@ print(f"profile {profile}: {len(eval_scenes)} evaluation scene(s), {len(records)
       f"showing {scene}, test view {vname}, rate {rate}")
 
 
-def show(panels, title="", size=2.6):
-    """A row of (caption, image) panels."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size + 0.5), squeeze=False)
-    for ax, (caption, im) in zip(axes[0], panels):
-        ax.imshow(im)
-        ax.set_title(caption, fontsize=8)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    plt.show()
-
-
-def load(path):
-    return np.asarray(Image.open(path).convert("RGB"))
+def image(method, at_rate=rate):
+    """The test view as a method made it: `gt`, `3dgs` (the uncompressed scene), `compressed` or a restorer."""
+    return read_rgb(plots.image_path(data, method, scene, at_rate, vname))
 
 
 # %% [markdown]
@@ -92,8 +82,9 @@ def load(path):
 meta = json.loads((data / "scenes" / scene / "transforms.json").read_text())
 print(f"{scene}: {rec['n_gaussians']} Gaussians, uncompressed .ply {rec['ply_bytes'] / 1e6:.2f} MB, "
       f"{len(meta['frames'])} cameras of which {len(views)} test views")
-show([("ground truth (test view)", load(gt_dir / vname)),
-      ("uncompressed 3DGS, rendered", load(data / "renders" / scene / "uncompressed" / vname))], f"{scene} / {vname}", 3.2)
+plots.image_row([("ground truth (test view)", image("gt")), ("uncompressed 3DGS, rendered", image("3dgs"))],
+                f"{scene} / {vname}", 3.2)
+plt.show()
 
 # %% [markdown]
 # ## 2. The codec at every rate
@@ -106,9 +97,10 @@ rows = [{"rate": f"level{lv['level']}", "Gaussians": lv["n_gaussians"], "bytes":
          "ratio": f"{lv['ratio_to_ply']:.0f}x", "PSNR (dB)": round(lv["psnr"], 2),
          "ST-LPIPS alex": round(lv["stlpips_alex"], 3)} for lv in rec["levels"]]
 display(pd.DataFrame(rows).set_index("rate"))
-show([(f"uncompressed\n{rec['ply_bytes'] / 1e6:.2f} MB", load(data / "renders" / scene / "uncompressed" / vname))]
-     + [(f"{r['rate']}: {r['bytes'] / 1e3:.1f} kB ({r['ratio']})", load(data / "renders" / scene / r["rate"] / vname))
-        for r in rows], f"{scene} / {vname}: decoded renders")
+plots.image_row([(f"uncompressed\n{rec['ply_bytes'] / 1e6:.2f} MB", image("3dgs"))]
+                + [(f"{r['rate']}: {r['bytes'] / 1e3:.1f} kB ({r['ratio']})", image("compressed", r["rate"])) for r in rows],
+                f"{scene} / {vname}: decoded renders")
+plt.show()
 
 # %% [markdown]
 # ## 3. The restorers, side by side
@@ -118,30 +110,16 @@ show([(f"uncompressed\n{rec['ply_bytes'] / 1e6:.2f} MB", load(data / "renders" /
 # strongest simple baseline, where the run has it), and the distilled one-step restorers: NiFi and its ablations
 # (w/o t0 takes its one step from $\sigma = 1$ on the degraded latent itself instead of noising it to $t_0$ first;
 # w/o TSD drops the distribution-matching term). NiFi-3D fits the restorations into the decoded Gaussians at the
-# receiver (`03b_refine`). Zoomed crops are where artifacts and invented detail show first.
+# receiver (`03b_refine`). Zoomed crops are where artifacts and invented detail show first: the crop sits where the
+# ground truth has the most gradient energy, as in the qualitative grid of `05_rate_distortion`.
 
 # %%
-bench_root = data / "benchmark"
-methods = sorted((d.name for d in bench_root.iterdir() if (d / scene / rate / vname).is_file()), key=plots.method_sort_key)
-panels = [("ground truth", load(gt_dir / vname)), (f"compressed ({rate})", load(data / "renders" / scene / rate / vname))]
-panels += [(plots.method_label(m).lstrip("+ "), load(bench_root / m / scene / rate / vname)) for m in methods]
-h, w = panels[0][1].shape[:2]
-ch, cw = max(8, h // zoom), max(8, w // zoom)
-# the crop with the most ground-truth detail (gradient energy)
-g = panels[0][1].astype(float).mean(2)
-energy = np.abs(np.diff(g, axis=0))[:, :-1] + np.abs(np.diff(g, axis=1))[:-1]
-scores = [(energy[y:y + ch, x:x + cw].sum(), y, x) for y in range(0, h - ch, max(1, ch // 2)) for x in range(0, w - cw, max(1, cw // 2))]
-_, y0, x0 = max(scores) if scores else (0, 0, 0)
-fig, axes = plt.subplots(2, len(panels), figsize=(2.1 * len(panels), 4.4), squeeze=False)
-for i, (caption, im) in enumerate(panels):
-    axes[0, i].imshow(im)
-    axes[0, i].add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), cw, ch, fill=False, color="yellow", lw=1))
-    axes[0, i].set_title(caption, fontsize=8)
-    axes[1, i].imshow(im[y0:y0 + ch, x0:x0 + cw], interpolation="nearest")
-    for ax in axes[:, i]:
-        ax.axis("off")
-fig.suptitle(f"{scene} / {vname} at {rate}; bottom: the yellow box, {zoom}x", fontsize=9)
-fig.tight_layout()
+here = bench[(bench["scene"] == scene) & (bench["rate"] == rate) & (bench["view"] == vname)]
+methods = sorted(set(here["method"]) - {"compressed"}, key=plots.method_sort_key)
+panels = [("ground truth", image("gt")), (f"compressed ({rate})", image("compressed"))]
+panels += [(plots.method_label(m).removeprefix("+ "), image(m)) for m in methods]
+crop = max(8, min(panels[0][1].shape[:2]) // zoom)
+plots.crop_row(panels, crop, f"{scene} / {vname} at {rate}; bottom: the yellow box, magnified")
 plt.show()
 
 # %% [markdown]
@@ -149,17 +127,15 @@ plt.show()
 # one row per method, scene, view and rate). ST-LPIPS is a shift-tolerant LPIPS (lower is better), with an AlexNet or
 # a VGG backbone: the learned restorers train on one and are judged on the other, which they never see (printed
 # below), so a gain on the trained one alone is a restorer that learnt its metric. PSNR and
-# SSIM measure fidelity (higher is better).
+# SSIM measure fidelity (higher is better). The means are `plots.aggregate`'s, as in Table 1: over each scene's
+# views, then over scenes.
 
 # %%
-bench = pd.read_csv(reports / "benchmark.csv")
-bench = bench[bench["scene"].isin(eval_scenes) & bench["codec"].isin([plots.OUR_CODEC, "uncompressed"])]  # our codec's rates
 cols = [c for c in (judge, trained, "psnr", "ssim", "periodic_excess", "flat_excess", "ms_per_image") if c in bench]
 print(f"the learned restorers train on {trained} and are judged on {judge} (held out)")
-at_rate = bench[(bench["rate"] == rate) | (bench["method"] == "3dgs")]
-table = at_rate.groupby(["method", "scene"])[cols].mean().groupby("method").mean()  # per scene, then over scenes
-table = table.loc[sorted(table.index, key=plots.method_sort_key)]
-table.index = [plots.method_label(m) for m in table.index]
+ours = bench[bench["codec"].isin([plots.OUR_CODEC, "uncompressed"])]  # our codec's rates and the uncompressed scene
+agg = plots.aggregate(ours, cols, ci=False)
+table = agg[(agg["rate"] == rate) | (agg["method"] == "3dgs")].set_index("label")[cols]
 display(table.round(3))
 
 # %% [markdown]
@@ -167,31 +143,18 @@ display(table.round(3))
 # Restoring from so little information is a trade: a restorer that paints plausible detail looks better (lower
 # ST-LPIPS) but moves away from the exact pixels (lower PSNR), and no restorer can be best at both (Blau & Michaeli,
 # 2018). So neither axis alone decides; a method is better than another only where it is better on one axis at no
-# cost on the other. Each point is a method at one rate (marker size grows with the rate); the held-out metric
-# (the judge) is the vertical axis. Down and to the right is better; the uncompressed scene, far beyond every
-# method at these rates, is printed below the plot.
+# cost on the other. One panel per rate (lowest first), every method a point with its 95 % bootstrap intervals; the
+# held-out metric (the judge) is the vertical axis. Down and to the right is better; the uncompressed scene, far
+# beyond every method at these rates, is printed below the plot. This is the plots stage's figure
+# (`plots.plot_perception_distortion`, `05_rate_distortion`), drawn here for PSNR.
 
 # %%
-metric = judge
-pts = bench.groupby(["method", "rate", "scene"])[["psnr", metric]].mean()
-pts = pts.groupby(["method", "rate"]).mean().reset_index()
-ref = pts[pts["method"] == "3dgs"]  # the uncompressed scene: far better on both axes, printed, not drawn
-pts = pts[pts["method"] != "3dgs"]
-rates = sorted(pts["rate"].unique())
-fig, ax = plt.subplots(figsize=(6.4, 4.4))
-for m in sorted(pts["method"].unique(), key=plots.method_sort_key):
-    d = pts[pts["method"] == m].sort_values("rate")
-    color = plots.METHOD_COLORS.get(m)
-    ax.plot(d["psnr"], d[metric], "-", color=color, lw=0.8, alpha=0.6)
-    ax.scatter(d["psnr"], d[metric], s=[20 + 40 * rates.index(r) for r in d["rate"]], color=color, label=plots.method_label(m))
-ax.set_xlabel(plots.metric_label("psnr"))
-ax.set_ylabel(plots.metric_label(metric) + ", never trained on")
-ax.set_title(f"{profile}: every method at {', '.join(rates)} (larger marker = higher rate)", fontsize=9)
-ax.legend(fontsize=7, loc="best")
-ax.grid(alpha=0.3)
+plane = plots.aggregate(ours, ["psnr", judge])  # with the intervals
+plots.plot_perception_distortion(plane, judge, distortions=("psnr",))
 plt.show()
+ref = plane[plane["method"] == "3dgs"]  # the uncompressed scene: far better on both axes, printed, not drawn
 if len(ref):
-    print(f"uncompressed 3DGS, for reference: PSNR {ref['psnr'].iloc[0]:.2f} dB, {metric} {ref[metric].iloc[0]:.3f}")
+    print(f"uncompressed 3DGS, for reference: PSNR {ref['psnr'].iloc[0]:.2f} dB, {judge} {ref[judge].iloc[0]:.3f}")
 
 # %% [markdown]
 # The benchmark's own verdict (targets decided on paired bootstrap intervals, `04_benchmark`), and the
@@ -216,6 +179,17 @@ else:  # the viewer stage ran without splat-transform (npm): its index says why
 # - The stage notebooks, in order: `00_scenes` → `01_artifact_synthesis` → `02_prior` → `03_distillation` →
 #   `03b_refine` → `04_benchmark` → `05_rate_distortion` → `06_viewer`. Each opens with its parameters (the `tiny`
 #   profile) and runs top to bottom in JupyterLab once `make lab` has prepared the tiny outputs.
-# - `make repro` runs the `cpu` profile (~30 min on 2 cores); this tour then shows its results.
+# - `make repro` runs the `cpu` profile; this tour then shows its results.
 # - The reference: `README.md` and `docs/` (pipeline, parameters, the restorer and its study, the codec, NiFi-3D, the
 #   viewer, GPUs and several nodes, reproducibility).
+#
+# How long each stage took in this profile's last run (`reports/<profile>/timings.json`, written by the pipeline
+# runner: wall seconds with the kernel start, the machine's cores, when it finished):
+
+# %%
+timings_path = reports / "timings.json"
+if timings_path.is_file():
+    stages = json.loads(timings_path.read_text())["stages"]
+    display(pd.DataFrame(stages).T[["seconds", "cores", "finished"]].rename_axis("stage"))
+else:
+    print(f"no {timings_path.relative_to(repo_path())}: this profile's stages did not run through the pipeline runner")

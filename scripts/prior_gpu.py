@@ -3,9 +3,9 @@
 The prior stage trains its flow-matching transformer for ~45 min on 2 CPU cores. A GPU machine lent for
 a few minutes has no scenes folder, no gsplat renderer and no network, so the training images travel:
 
-    python -m nifi_utils.prior_gpu pack --profile cpu --out .device_carry/prior_corpus      # here
-    python -m nifi_utils.prior_gpu wheels --dir .whl --target /tmp/site                     # there
-    python -m nifi_utils.prior_gpu train --profile cpu --corpus .device_carry/prior_corpus \\
+    python scripts/prior_gpu.py pack --profile cpu --out .device_carry/prior_corpus      # here
+    python scripts/prior_gpu.py wheels --dir .whl --target /tmp/site                     # there
+    python scripts/prior_gpu.py train --profile cpu --corpus .device_carry/prior_corpus \\
         --prior data/cpu/prior --out OUT --tar --time-budget-s 330 [--steps --batch --lr --augment-copies]
 
 `pack` builds the prior stage's training images exactly as the stage does (`prior.training_images` with
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import NifiError, repo_path
+from nifi_utils.core.common import NifiError, repo_path
 
 FORMAT = 1
 # params of the prior section that decide the corpus's images: pack and train must agree on them
@@ -68,8 +68,8 @@ def _from_u8(u8: np.ndarray) -> np.ndarray:
 
 def stage_config(profile: str):
     """(the profile's prior section with the seed, the PriorConfig the stage builds from it)."""
-    from .params import stage_params
-    from .prior import PriorConfig
+    from nifi_utils.pipeline.params import stage_params
+    from nifi_utils.models.prior import PriorConfig
 
     p = stage_params("prior", profile)
     if p.get("source", "train") != "train":
@@ -89,10 +89,9 @@ def _write_png(path: Path, im: np.ndarray) -> None:
 
 
 def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
+    from nifi_utils.core.images import read_rgb
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return read_rgb(path)
 
 
 # ---------------------------------------------------------------------- pack (here)
@@ -100,9 +99,9 @@ def pack(profile: str, out: Path, scenes_root: Path | None = None) -> dict:
     """Build the stage's training images and store what the device cannot make; returns the manifest."""
     import skimage.data
 
-    from .common import provenance
-    from .prior import training_images
-    from .scenes import TRAIN_PHOTOS, load_photo
+    from nifi_utils.core.common import provenance
+    from nifi_utils.models.prior import training_images
+    from nifi_utils.gs.scenes import TRAIN_PHOTOS, load_photo
 
     p, cfg = stage_config(profile)
     scenes_root = Path(scenes_root) if scenes_root else repo_path("data", profile, "scenes")
@@ -158,13 +157,13 @@ def pack(profile: str, out: Path, scenes_root: Path | None = None) -> dict:
 def load_corpus(folder: Path, profile: str, p: dict):
     """(train uint8 images in the stage's order, held-out images, manifest, checks): the stored images read back,
     the seeded ones made again and compared with the manifest's hashes."""
-    from .prior import generated_images
-    from .scenes import TRAIN_PHOTOS, load_photo
+    from nifi_utils.models.prior import generated_images
+    from nifi_utils.gs.scenes import TRAIN_PHOTOS, load_photo
 
     folder = Path(folder)
     mpath = folder / "manifest.json"
     if not mpath.is_file():
-        raise NifiError(f"no corpus at {folder} (manifest.json missing): run `python -m nifi_utils.prior_gpu pack` first")
+        raise NifiError(f"no corpus at {folder} (manifest.json missing): run `python scripts/prior_gpu.py pack` first")
     try:
         m = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
@@ -205,8 +204,8 @@ def load_corpus(folder: Path, profile: str, p: dict):
 def _heldout_check(folder: Path, held: torch.Tensor, t0: int, seed: int, device) -> dict:
     """The stage's one-step-denoising gate, on the saved fp16 folder read back in fp32: VAE round-trip and
     one-step denoising PSNR at t0 (the stage recomputes all gates where it runs)."""
-    from .metrics import psnr
-    from .restorer import Restorer
+    from nifi_utils.measure.metrics import psnr
+    from nifi_utils.models.restorer import Restorer
 
     r = Restorer.from_pretrained(folder, device=device)
     g = torch.Generator().manual_seed(seed)
@@ -232,9 +231,9 @@ def train(profile: str, corpus: Path, prior: Path, out: Path, time_budget_s: flo
           device: str = "auto", val_every: int = 250, t0: int = 199) -> dict:
     from diffusers import __version__ as diffusers_version
 
-    from .common import pick_device
-    from .prior import build_transformer, encode_latents, prompt_embeddings, to_pm1, train_transformer
-    from .restorer import Restorer
+    from nifi_utils.core.common import pick_device
+    from nifi_utils.models.prior import build_transformer, encode_latents, prompt_embeddings, to_pm1, train_transformer
+    from nifi_utils.models.restorer import Restorer
 
     t_all = time.time()
     p, cfg = stage_config(profile)
@@ -428,7 +427,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m nifi_utils.prior_gpu", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="python scripts/prior_gpu.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     pk = sub.add_parser("pack", help="store the prior stage's training images for a GPU machine")
     pk.add_argument("--profile", required=True, choices=["cpu", "tiny"])

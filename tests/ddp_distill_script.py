@@ -1,12 +1,14 @@
 """Ranks of tests/test_distill_ddp.py, run under `accelerate launch` (torchrun, gloo on CPU):
 
     python -m ddp_distill_script step OUT      one step (generator and critic) on the global batch of four pairs
-    python -m ddp_distill_script resume OUT CKPT   4 steps straight vs 2 steps, checkpoint, resume to 4
+    python -m ddp_distill_script resume OUT CKPT   4 steps straight vs 2 steps, save_state, load_state, resume to 4
 
 The main process writes what the test compares into OUT (torch.save); the test runs the same on one process."""
 import os
+import random
 import sys
 
+import numpy as np
 import torch
 
 from nifi_utils.models.distill import Distiller, DistillConfig, PairSet
@@ -48,18 +50,31 @@ def one_step() -> dict:
             "processes": d.acc.num_processes, "shares": shares}
 
 
+def _global_rngs():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
 def resume(ckpt) -> dict:
+    """4 steps straight vs 2 steps, accelerate's save_state, load_state into a fresh distiller (after every rank's
+    global RNGs were reseeded apart), 2 more; whether each rank got its RNGs back (gathered)."""
+    from accelerate.utils import gather_object
+
     p = pairs()
     a = distiller(**RESUME_CFG)
     a.train(p, 4)
     b = distiller(**RESUME_CFG)
     b.train(p, 2, checkpoint_dir=ckpt)  # "interrupted" after step 2
+    saved = _global_rngs()
+    rank = b.acc.process_index
+    torch.manual_seed(100 + rank), np.random.seed(100 + rank), random.seed(100 + rank)
     c = distiller(**RESUME_CFG)
     c.load_checkpoint(ckpt)
+    now = _global_rngs()
+    restored = bool(torch.equal(now[0], saved[0]) and (now[1] == saved[1]).all() and now[2] == saved[2])
     step = c.step
     c.train(p, 4)
     return {"a": _params(a), "c": _params(c), "a_hist": a.history, "c_hist": c.history, "resumed_at": step,
-            "processes": a.acc.num_processes}
+            "processes": a.acc.num_processes, "rngs_restored": gather_object([restored])}
 
 
 class FailOnRank1(PairSet):

@@ -1,4 +1,4 @@
-"""Output paths on the command line (issue 25): every `--out` that cannot be written ends in one `error:`
+"""Output paths on the command line: every `--out` that cannot be written ends in one `error:`
 line naming it, exit status 2, no traceback, and nothing left behind; checked before any expensive work.
 
 Unwritable folders come two ways: a chmod 0o500 folder (skipped as root, whom permission bits do not stop)

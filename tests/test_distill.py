@@ -1,9 +1,13 @@
 """NiFi distillation on a tiny SD3-architecture model: finite losses, only LoRA moves, alternation,
-exact resume, export, and a short overfit that helps."""
+exact resume through accelerate's save_state/load_state, a NaN that stops training, export, and a short overfit
+that helps."""
+import random
+
 import numpy as np
 import pytest
 import torch
 
+from nifi_utils.core.common import NifiError
 from nifi_utils.models.distill import Distiller, DistillConfig, PairSet
 from nifi_utils.models.folders import tiny_sd3
 from nifi_utils.models.restorer import Restorer
@@ -51,19 +55,71 @@ def test_no_tsd_variant_skips_the_critic():
     assert all(torch.equal(a, b) for a, b in zip(crit0, d.crit_params))
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    pairs = _pairs()
+def _global_rngs():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    """5 steps straight = 2 steps, accelerate's save_state, load_state into a fresh distiller, 3 more steps (and
+    again from the checkpoint the resumed run wrote at step 4 over the first): same LoRA weights, optimizer states
+    and losses, exactly; the global RNGs (accelerate's) and the shared stream (registered) come back."""
+    pairs, ckpt = _pairs(), tmp_path / "ckpt"
     a = _distiller(checkpoint_every=2)
-    a.train(pairs, 4)
+    a.train(pairs, 5)
     b = _distiller(checkpoint_every=2)
-    b.train(pairs, 2, checkpoint_dir=tmp_path / "ckpt")  # "interrupted" after step 2
+    b.train(pairs, 2, checkpoint_dir=ckpt)  # "interrupted" after step 2
+    saved_rngs, saved_stream = _global_rngs(), b.gen.get_state()
+    # accelerate's folder: LoRA weights only (phi-, phi+), both optimizers, this rank's RNGs, the registered state
+    assert sorted(f.name for f in ckpt.iterdir()) == ["custom_checkpoint_0.pkl", "model.safetensors",
+                                                      "model_1.safetensors", "optimizer.bin", "optimizer_1.bin",
+                                                      "random_states_0.pkl"]
+    from safetensors.torch import load_file
+
+    lora = [load_file(ckpt / f) for f in ("model.safetensors", "model_1.safetensors")]
+    assert [len(w) for w in lora] == [len(b.gen_params), len(b.crit_params)]
+    assert all("lora_" in k for w in lora for k in w)
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)  # a new process's RNGs
     c = _distiller(checkpoint_every=2)
-    c.load_checkpoint(tmp_path / "ckpt")
-    assert c.step == 2
-    c.train(pairs, 4)
+    assert Distiller.has_checkpoint(ckpt)
+    c.load_checkpoint(ckpt)
+    assert c.step == 2 and len(c.history) == 2 and c.acc.step == b.acc.step
+    assert torch.equal(c.gen.get_state(), saved_stream)
+    rngs = _global_rngs()
+    assert torch.equal(rngs[0], saved_rngs[0]) and (rngs[1] == saved_rngs[1]).all() and rngs[2] == saved_rngs[2]
+    c.train(pairs, 5, checkpoint_dir=ckpt)  # writes step 4 over step 2 (renamed into place)
+    assert not any(p.name != "ckpt" for p in tmp_path.iterdir())  # no .partial / .old left behind
     for p, q in zip(a.gen_params + a.crit_params, c.gen_params + c.crit_params):
-        assert torch.allclose(p, q, atol=1e-6)
-    assert [h["loss_g"] for h in a.history] == pytest.approx([h["loss_g"] for h in c.history], rel=1e-5)
+        assert torch.equal(p, q)
+    assert c.history == a.history  # every logged loss, exactly
+    for oa, oc in ((a.opt_g, c.opt_g), (a.opt_c, c.opt_c)):
+        sa, sc = oa.state_dict()["state"], oc.state_dict()["state"]
+        assert all(torch.equal(sa[k][n], sc[k][n]) for k in sa for n in ("step", "exp_avg", "exp_avg_sq"))
+    d = _distiller(checkpoint_every=2)
+    d.load_checkpoint(ckpt)
+    assert d.step == 4
+    d.train(pairs, 5)
+    assert all(torch.equal(p, q) for p, q in zip(a.gen_params + a.crit_params, d.gen_params + d.crit_params))
+    assert d.history == a.history
+
+
+def test_a_checkpoint_of_other_lora_shapes_is_refused_in_one_line(tmp_path):
+    _distiller().save_checkpoint(tmp_path / "ckpt")
+    d = _distiller(rank=2)
+    with pytest.raises(NifiError, match="other LoRA weights") as e:
+        d.load_checkpoint(tmp_path / "ckpt")
+    assert "\n" not in str(e.value)
+
+
+def test_a_nan_in_the_tsd_gradient_stops_training_in_one_line():
+    d = _distiller()
+    d.train(_pairs(), 1)
+    before = [p.detach().clone() for p in d.gen_params]
+    cfg = d._cfg
+    d._cfg = lambda *a, **k: [v * float("nan") for v in cfg(*a, **k)]  # the teacher's velocities turn NaN
+    with pytest.raises(NifiError) as e:
+        d.train(_pairs(), 3)
+    assert str(e.value).startswith("step 2: the TSD gradient (Eq. 5) has NaN/Inf values") and "\n" not in str(e.value)
+    assert d.step == 1 and all(torch.equal(a, b) for a, b in zip(before, d.gen_params))  # stopped before the update
 
 
 def test_export_is_the_official_format_and_reloads(tmp_path):

@@ -1,8 +1,8 @@
 """Distillation on two CPU processes (gloo) through `accelerate launch` (torchrun underneath): `batch` is the global
-batch, so 2 ranks make one process's update and follow its trajectory; a 2-process checkpoint resumes on 2 and on 1
-process into that trajectory; a checkpoint of the older per-rank streams is refused; a failing rank ends the run in one
-line naming it and its variant with no export left behind; a process count beyond the cores, or a batch it does not
-divide, is refused before any work (exit 2)."""
+batch, so 2 ranks make one process's update and follow its trajectory; a 2-process checkpoint (accelerate's
+save_state, every rank's RNGs included) resumes on 2 and on 1 process into that trajectory; a checkpoint of the older
+format is refused; a failing rank ends the run in one line naming it and its variant with no export left behind; a
+process count beyond the cores, or a batch it does not divide, is refused before any work (exit 2)."""
 import os
 import subprocess
 import sys
@@ -67,7 +67,12 @@ def test_a_two_process_run_follows_one_process_and_resumes_on_two_or_one_process
     one = script.distiller(**script.RESUME_CFG)
     one.train(p, 4)
     assert _close(res["a"], script._params(one), rtol=1e-4, atol=1e-5)  # 4 steps on 2 ranks = 4 on one process
-    assert not (tmp_path / "ckpt" / "distiller_state_rank1.pt").exists()  # one stream: the main process saves it
+    # accelerate's save_state: every rank its global RNGs (restored on both ranks), the main process the rest (one
+    # stream, one set of LoRA weights and optimizer states)
+    names = sorted(f.name for f in (tmp_path / "ckpt").iterdir())
+    assert names == ["custom_checkpoint_0.pkl", "model.safetensors", "model_1.safetensors", "optimizer.bin",
+                     "optimizer_1.bin", "random_states_0.pkl", "random_states_1.pkl"], names
+    assert res["rngs_restored"] == [True, True]
     resumed = script.distiller(**script.RESUME_CFG)
     resumed.load_checkpoint(tmp_path / "ckpt")  # written by 2 processes, resumed by 1
     assert resumed.step == 2
@@ -76,17 +81,24 @@ def test_a_two_process_run_follows_one_process_and_resumes_on_two_or_one_process
     assert [h["loss_g"] for h in resumed.history] == pytest.approx([h["loss_g"] for h in one.history], rel=1e-4)
 
 
-def test_a_checkpoint_of_per_rank_streams_is_refused_in_one_line(tmp_path):
+def test_a_checkpoint_of_the_older_format_is_refused_in_one_line(tmp_path):
     d = script.distiller(**{**script.RESUME_CFG, "batch": 2})
-    d.save_checkpoint(tmp_path)
-    st = torch.load(tmp_path / "training_state.pt", weights_only=True)
-    assert st["streams"] == "global-batch"
-    d.load_checkpoint(tmp_path)  # its own: fine
-    st["processes"] = 2
-    del st["streams"]  # what a 2-process run wrote before the global batch
-    torch.save(st, tmp_path / "training_state.pt")
-    with pytest.raises(NifiError, match="per-rank streams") as e:
-        d.load_checkpoint(tmp_path)
+    d.save_checkpoint(tmp_path / "ckpt")
+    d.load_checkpoint(tmp_path / "ckpt")  # its own: fine
+    # what the hand-written checkpoints of an older version left (the LoRA weights, optimizers and stream in .pt files)
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"processes": 2, "streams": "global-batch"}, old / "training_state.pt")
+    torch.save({"step": 2}, old / "distiller_state.pt")
+    assert type(d).has_checkpoint(old)  # train_variant tries it, and stops
+    with pytest.raises(NifiError, match="older version") as e:
+        d.load_checkpoint(old)
+    assert "\n" not in str(e.value)
+    # a save_state folder whose registered state is not this version's
+    st = torch.load(tmp_path / "ckpt" / "custom_checkpoint_0.pkl", weights_only=False)
+    torch.save({**st, "format": "nifi-distill-state/1"}, tmp_path / "ckpt" / "custom_checkpoint_0.pkl")
+    with pytest.raises(NifiError, match="not this version") as e:
+        d.load_checkpoint(tmp_path / "ckpt")
     assert "\n" not in str(e.value)
 
 

@@ -355,7 +355,7 @@ def test_stage_times_are_recorded_merged_and_tabled(tmp_path, monkeypatch):
     R.record_timing("cpu", "distill", 800.0, 1.0, 1.0)  # a rerun replaces its own entry only
     data = json.loads((tmp_path / "reports" / "cpu" / "timings.json").read_text())
     assert data["stages"]["distill"]["seconds"] == 800.0 and data["stages"]["scenes"]["seconds"] == 120.0
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import stage_times
 
     text = stage_times.table(data)

@@ -216,7 +216,7 @@ def test_paper_table_shape(paper):
 
 
 def test_paper_table_spot_values(paper):
-    # values read from paper_spec.md section (d)
+    # values as printed in the paper's Table 1 (arXiv 2602.04549)
     r = _paper(paper, "Mip-NeRF360", "0.1", "NiFi")
     assert (r["lpips"], r["dists"], r["size_mb"]) == (0.178, 0.109, 1.152)
     assert _paper(paper, "DB", "0.5", "3DGS-30K")["size_mb"] == 555
@@ -291,6 +291,26 @@ def test_grid_missing_image_names_the_stage(tmp_path):
     plots.image_path(tmp_path, "nifi", "eval_00", "level0", "0000").unlink()
     with pytest.raises(NifiError, match="benchmark stage"):
         plots.plot_grid(df, tmp_path, 1, 8, "stlpips_alex")
+
+
+def test_crop_row_boxes_the_grids_crop_in_every_panel():
+    from matplotlib.patches import Rectangle
+
+    rng = np.random.default_rng(2)
+    gt = np.full((40, 48, 3), 128, np.uint8)
+    gt[5:13, 30:38] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    panels = [("ground truth", gt), ("compressed", gt // 2), ("nifi", gt[::-1].copy())]
+    fig = plots.crop_row(panels, 10, "title")
+    y, x = plots.find_crop(gt, 10)
+    top, crops = fig.axes[:3], fig.axes[3:]  # row-major: the images, then their crops
+    assert [a.get_title() for a in top] == ["ground truth", "compressed", "nifi"]
+    boxes = [p for a in top for p in a.patches if isinstance(p, Rectangle)]
+    assert len(boxes) == 3 and all(b.get_xy() == (x - 0.5, y - 0.5) and b.get_width() == 10 for b in boxes)
+    assert all(np.array_equal(a.images[0].get_array(), im[y:y + 10, x:x + 10]) for a, (_, im) in zip(crops, panels))
+    plt.close(fig)
+    fig = plots.image_row(panels, "row")
+    assert [a.get_title() for a in fig.axes] == ["ground truth", "compressed", "nifi"]
+    plt.close(fig)
 
 
 def test_evaluation_scenes():

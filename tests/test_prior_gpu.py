@@ -1,5 +1,7 @@
-"""The prior's transformer trained elsewhere (nifi_utils.prior_gpu): pack, train, the CPU path unchanged."""
+"""The prior's transformer trained elsewhere (scripts/prior_gpu.py): pack, train, the CPU path unchanged."""
 import json
+import sys
+from pathlib import Path
 import math
 import tarfile
 
@@ -8,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nifi_utils import prior_gpu
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import prior_gpu  # noqa: E402
 from nifi_utils.core.common import repo_path
 from nifi_utils.models.prior import PriorConfig, build_transformer, train_transformer, training_images, training_sigmas
 from nifi_utils.models.restorer import Restorer

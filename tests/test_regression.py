@@ -28,7 +28,7 @@ def test_the_paper_sized_network_has_about_half_a_million_parameters():
 
 def test_no_border_frame_on_a_flat_image():
     """Reflect padding: a trained-looking (random) network maps a constant image to a constant image; zero padding
-    would make the border pixels differ from the interior (the frame issue 30 saw)."""
+    would make the border pixels differ from the interior (a frame around the image)."""
     net = RegressionUNet(8, 3)
     torch.nn.init.normal_(net.out.weight, std=0.05)
     x = torch.full((1, 3, 40, 40), 0.4)

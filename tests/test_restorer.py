@@ -324,7 +324,7 @@ def test_decoder_lora_is_an_extension_the_official_loader_refuses(prior, tmp_pat
 
 
 def test_restore_without_flags_uses_the_checkpoints_t0_and_latent(prior, tmp_path):
-    """A checkpoint trained at t0 49 with the posterior mean restores that way by default (issue 30: the old default
+    """A checkpoint trained at t0 49 with the posterior mean restores that way by default (the old default
     t0 199 made a new user's first restore worse than none); flags still override."""
     base, _, _ = prior
     r = Restorer.from_pretrained(base)
@@ -347,7 +347,7 @@ def test_restore_without_flags_uses_the_checkpoints_t0_and_latent(prior, tmp_pat
 
 def test_restore_without_flags_gives_the_benchmarks_nifi_images(prior, tmp_path):
     """The benchmark restores each variant with the t0 and latent mode of its distill config; the CLI with no flags
-    reads them from the checkpoint: both give the same image (issue 30: a new user's first restore is the benchmark's)."""
+    reads them from the checkpoint: both give the same image (a new user's first restore is the benchmark's)."""
     from nifi_utils.eval import benchmark as B
 
     base, _, _ = prior

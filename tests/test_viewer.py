@@ -28,6 +28,13 @@ def _random_rotation(seed):
     return Rotation.random(random_state=seed).as_matrix()
 
 
+def _rodrigues(a, b):
+    """The shortest-arc rotation taking unit a to unit b, written out (the reference; not antiparallel)."""
+    v, c = np.cross(a, b), float(a @ b)
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + vx + vx @ vx / (1 + c)
+
+
 def test_rotation_between_maps_a_to_b_and_is_a_rotation():
     rng = np.random.default_rng(0)
     for a, b in [(rng.normal(size=3), rng.normal(size=3)), (np.array([0, 0, 1.0]), np.array([0, 0, -1.0]))]:
@@ -35,6 +42,25 @@ def test_rotation_between_maps_a_to_b_and_is_a_rotation():
         np.testing.assert_allclose(R @ (a / np.linalg.norm(a)), b / np.linalg.norm(b), atol=1e-9)
         np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-9)
         assert np.linalg.det(R) == pytest.approx(1.0)
+
+
+def test_rotation_between_is_the_shortest_arc_and_holds_up_when_antiparallel():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        a, b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 3)))
+        np.testing.assert_allclose(viewer.rotation_between(a, b), _rodrigues(a, b), atol=1e-11)
+    np.testing.assert_allclose(viewer.rotation_between([0, 0, 2.0], [0, 0, 3.0]), np.eye(3), atol=1e-15)
+    # exactly and nearly opposite (where scipy's one-pair align_vectors alone misses b by up to ~1.6): a half turn
+    for _ in range(200):
+        a = rng.normal(size=3)
+        a /= np.linalg.norm(a)
+        for eps in (0.0, 1e-15, 1e-12, 1e-9, 1e-6, 1e-4):
+            b = -a + eps * rng.normal(size=3)
+            b /= np.linalg.norm(b)
+            R = viewer.rotation_between(a, b)
+            np.testing.assert_allclose(R @ a, b, atol=1e-11)
+            np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
+            assert np.linalg.det(R) == pytest.approx(1.0)
 
 
 def test_alignment_puts_the_cameras_up_on_the_viewers_up_and_cameras_look_at_the_scene():
@@ -156,6 +182,56 @@ def _assert_draws(browser, page, variants, camera=0):
         assert shots[key].std() > 5 and frac > 0.02, f"{page.name} {key}: blank (drawn fraction {frac:.3f})"
         assert not any("exception" in c for c in browser.console), browser.console
     return shots
+
+
+@needs_chromium
+def test_browser_cuts_the_network_but_loopback_reports_exceptions_and_times_out(tmp_path):
+    """viewer.Browser (Playwright on the system's chromium): requests never leave the machine, reach it only with
+    loopback=True, a page's uncaught exception lands in `console`, a check that never holds is a TimeoutError, and
+    it runs under a running asyncio loop (a Jupyter kernel's, where the viewer stage's notebook opens it)."""
+    import asyncio
+    import http.server
+    import threading
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    page = tmp_path / "p.html"
+    page.write_text("<script>window.done = 0; const end = () => window.done++;"
+                    f"fetch('http://127.0.0.1:{server.server_address[1]}/local').finally(end);"
+                    "fetch('http://example.com/').finally(end); setTimeout(() => { throw new Error('boom'); });</script>")
+    try:
+        for loopback in (False, True):
+            with viewer.Browser(160, 120, loopback=loopback) as browser:
+                browser.open(page.as_uri(), wait_for="window.done === 2", timeout=30, settle=0.2)
+                assert any("exception" in c and "boom" in c for c in browser.console), browser.console
+                assert any("ERR_PROXY_CONNECTION_FAILED" in c for c in browser.console), browser.console
+                assert browser.evaluate("[1, 2].length") == 2 and browser.screenshot().shape == (120, 160, 3)
+                with pytest.raises(RuntimeError, match="nope"):
+                    browser.evaluate("nope.x")
+                if loopback:
+                    with pytest.raises(TimeoutError, match="not drawn after 1 s"):
+                        browser.open(page.as_uri(), wait_for="window.never", timeout=1, settle=0)
+            assert set(hits) == ({"/local"} if loopback else set())
+    finally:
+        server.shutdown()
+
+    async def in_a_loop():
+        with viewer.Browser(160, 120) as browser:
+            browser.open("data:text/html,<script>window.ok = 1</script>", wait_for="window.ok === 1", settle=0)
+            return browser.evaluate("window.ok")
+
+    assert asyncio.run(in_a_loop()) == 1
 
 
 @needs_splat

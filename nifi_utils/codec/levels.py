@@ -1,13 +1,13 @@
-"""Layer 4 (codec): nested rate levels of a 3DGS scene (GoDe/RAVE-style pruning + QAT fine-tuning).
+"""Nested rate levels of a 3DGS scene (GoDe/RAVE-style pruning + QAT fine-tuning).
 
-NiFi (paper §3, spec (b)) prunes each scene to L nested levels with log-spaced sizes
+NiFi (paper §3) prunes each scene to L nested levels with log-spaced sizes
 
     |G_l| = c_min * exp(l * (log N_max - log c_min) / (L - 1)),   l = 0..L-1,
 
 removing, level by level from the finest down, the Gaussians with the smallest L2 norm of the
 rendering-loss gradient with respect to their attributes, accumulated over all training views.
 The levels are then fine-tuned jointly (a random level per iteration) with quantization-aware
-training of the attributes the codec quantizes, and each level is stored by `codec.py`.
+training of the attributes the codec quantizes, and each level is stored by `container.py`.
 """
 from __future__ import annotations
 

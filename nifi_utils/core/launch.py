@@ -1,27 +1,28 @@
-"""Layer 1 (core): jobs over N ranks through `accelerate launch` (torchrun underneath), the one way a stage scales out.
+"""Jobs over N ranks through `accelerate launch` (torchrun underneath), the one way a stage scales out.
 
 `check_processes` refuses a process count the machine cannot hold (one line, before any work). `launch` writes the
 jobs to a temporary file, runs `accelerate launch --num_processes N -m <module> <jobs> <results>` (gloo on CPU, NCCL
 on GPU; one torch thread per process on CPU, torchrun's default), and reads back what the main process wrote. A rank
 that raises writes one line naming the rank and the job (`rank_error`); `launch` raises it as a NifiError.
 Several nodes: `nodes()` reads --num_machines, --machine_rank and --main_process_ip from NIFI_* variables (a cluster
-script sets them); the launching node leaves the jobs in NIFI_LAUNCH_DIR, where `python -m nifi_utils.core.launch follow`
-on every other node picks them up and starts that node's ranks.
+script sets them). The launching node runs the stage; every other node runs `python -m nifi_utils.core.launch join
+<module>`, which starts that node's ranks with no jobs of its own: torchrun's rendezvous at the main process's address
+joins them, and the main process hands every rank the jobs over the process group (`rank_jobs`), so no folder needs
+to be shared.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from nifi_utils.core.common import NifiError
 
 ERROR_FILE = "first_rank.error"  # the first rank to fail writes it; the others' errors follow from that one
+NO_FILE = "from-main-process"  # a joining node's ranks: jobs come from the main process, results go to it
 
 
 class UsageError(NifiError):
@@ -60,16 +61,13 @@ def batch_share(batch: int, ranks: int, rank: int = 0, what: str = "batch") -> s
 
 def nodes() -> dict:
     """Multi-node settings from the environment (a cluster script sets them on every node; default one node):
-    NIFI_NUM_MACHINES, NIFI_MACHINE_RANK, NIFI_MAIN_PROCESS_IP, NIFI_MAIN_PROCESS_PORT, and NIFI_LAUNCH_DIR, a
-    folder every node sees where the launching node leaves the jobs and the main process the results."""
+    NIFI_NUM_MACHINES, NIFI_MACHINE_RANK, NIFI_MAIN_PROCESS_IP (the machine-rank-0 node), NIFI_MAIN_PROCESS_PORT."""
     n = int(os.environ.get("NIFI_NUM_MACHINES", 1))
     out = {"num_machines": n, "machine_rank": int(os.environ.get("NIFI_MACHINE_RANK", 0)),
            "main_process_ip": os.environ.get("NIFI_MAIN_PROCESS_IP"),
-           "main_process_port": os.environ.get("NIFI_MAIN_PROCESS_PORT", "29500"),
-           "launch_dir": os.environ.get("NIFI_LAUNCH_DIR")}
-    if n > 1 and not (out["main_process_ip"] and out["launch_dir"]):
-        raise UsageError("NIFI_NUM_MACHINES > 1 needs NIFI_MAIN_PROCESS_IP (the machine-rank-0 node) and "
-                         "NIFI_LAUNCH_DIR (a folder every node sees)")
+           "main_process_port": os.environ.get("NIFI_MAIN_PROCESS_PORT", "29500")}
+    if n > 1 and not out["main_process_ip"]:
+        raise UsageError("NIFI_NUM_MACHINES > 1 needs NIFI_MAIN_PROCESS_IP (the machine-rank-0 node's address)")
     return out
 
 
@@ -91,52 +89,54 @@ def launch_command(processes: int, module: str, args: list[str], node: dict | No
     return cmd + ["-m", module, *args]
 
 
-def _run(folder: Path, module: str, processes: int, node: dict, what: str):
-    jobs_path, results_path = folder / "jobs.pkl", folder / "results.pkl"
+def _run(folder: Path, module: str, processes: int, node: dict, what: str, args: list[str]):
     env = {**os.environ, "NIFI_RANK_ERRORS": str(folder)}
-    proc = subprocess.run(launch_command(processes, module, [str(jobs_path), str(results_path)], node), env=env,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(launch_command(processes, module, args, node), env=env, stdin=subprocess.DEVNULL)
     if (folder / ERROR_FILE).is_file():
         raise NifiError((folder / ERROR_FILE).read_text().strip())
     if proc.returncode != 0:
         raise NifiError(f"accelerate launch of {module} on {processes} processes x {node['num_machines']} machines "
                         f"failed (exit {proc.returncode}) before any rank reported a {what} error: see the log above")
-    return results_path
 
 
 def launch(module: str, jobs, processes: int, what: str = "job"):
-    """Run `module`'s rank entry (`python -m module JOBS RESULTS`) on `processes` ranks per node (on every node of
-    `nodes()`: the others run `python -m nifi_utils.core.launch follow`); the main process's result."""
+    """Run `module`'s rank entry (`python -m module JOBS RESULTS`) on `processes` ranks per node (the other nodes of
+    `nodes()` run `python -m nifi_utils.core.launch join module`); the main process's result."""
     processes = check_processes(processes)
     node = nodes()
+    if node["machine_rank"] != 0:
+        raise UsageError("the stage runs on the node of machine rank 0; the others run "
+                         f"`python -m nifi_utils.core.launch join {module}`")
     with tempfile.TemporaryDirectory(prefix="nifi-launch-") as tmp:
-        folder = Path(node["launch_dir"] or tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in ("results.pkl", ERROR_FILE, "launch.json"):
-            (folder / f).unlink(missing_ok=True)
-        (folder / "jobs.pkl").write_bytes(pickle.dumps(jobs))
-        # written last: the other nodes start when they see it
-        (folder / "launch.json").write_text(json.dumps({"module": module, "processes": processes, "what": what}))
-        results_path = _run(folder, module, processes, node, what)
+        folder = Path(tmp)
+        jobs_path, results_path = folder / "jobs.pkl", folder / "results.pkl"
+        jobs_path.write_bytes(pickle.dumps(jobs))
+        _run(folder, module, processes, node, what, [str(jobs_path), str(results_path)])
         if not results_path.is_file():
             raise NifiError(f"{module} ended without results on {results_path}: see the log above")
         return pickle.loads(results_path.read_bytes())
 
 
-def follow(timeout: float = 3600.0) -> int:
-    """On a node of machine rank > 0: wait for the launching node's jobs in NIFI_LAUNCH_DIR and run its ranks."""
+def join(module: str, processes: int) -> int:
+    """On a node of machine rank >= 1: start this node's ranks of `module`; torchrun's rendezvous waits for the main
+    node's, and the main process sends the jobs (`rank_jobs`)."""
     node = nodes()
     if node["num_machines"] < 2 or node["machine_rank"] < 1:
-        raise UsageError("follow runs on the nodes of machine rank >= 1 (NIFI_NUM_MACHINES > 1, NIFI_MACHINE_RANK)")
-    folder = Path(node["launch_dir"])
-    t = time.time()
-    while not (folder / "launch.json").is_file():
-        if time.time() - t > timeout:
-            raise NifiError(f"no launch appeared in {folder} within {timeout:.0f} s")
-        time.sleep(2)
-    spec = json.loads((folder / "launch.json").read_text())
-    _run(folder, spec["module"], check_processes(spec["processes"]), node, spec["what"])
+        raise UsageError("join runs on the nodes of machine rank >= 1 (NIFI_NUM_MACHINES > 1, NIFI_MACHINE_RANK)")
+    with tempfile.TemporaryDirectory(prefix="nifi-join-") as tmp:
+        _run(Path(tmp), module, check_processes(processes), node, "job", [NO_FILE, NO_FILE])
     return 0
+
+
+def rank_jobs(state, jobs_path: str | Path):
+    """The jobs every rank runs: the main process reads them (the launching node's file), every other rank, on this
+    node or another, receives them over the process group."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [pickle.loads(Path(jobs_path).read_bytes()) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def rank_error(rank: int, job: str, e: BaseException, what: str = "job") -> str:
@@ -172,7 +172,7 @@ def run_rank_jobs(rank: int, items, fn, name_of, what: str = "job") -> list:
 
 def finish_rank(state, results_path: str | Path, results) -> int:
     """The main process writes the results `launch` reads back; every rank waits for it."""
-    if state.is_main_process:
+    if state.is_main_process and str(results_path) != NO_FILE:
         Path(results_path).write_bytes(pickle.dumps(results))
     state.wait_for_everyone()
     return 0
@@ -187,12 +187,13 @@ def error_exit(e: NifiError) -> int:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m nifi_utils.core.launch", description=follow.__doc__)
-    ap.add_argument("command", choices=["follow"])
-    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the launching node")
+    ap = argparse.ArgumentParser(prog="python -m nifi_utils.core.launch", description=join.__doc__)
+    ap.add_argument("command", choices=["join"])
+    ap.add_argument("module", help="the stage's rank entry, e.g. nifi_utils.models.distill or nifi_utils.pipeline.synthesis")
+    ap.add_argument("--processes", type=int, default=1, help="ranks on this node (as the stage's `processes`)")
     args = ap.parse_args(argv)
     try:
-        return follow(args.timeout)
+        return join(args.module, args.processes)
     except NifiError as e:
         return error_exit(e)
 

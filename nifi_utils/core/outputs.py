@@ -1,4 +1,4 @@
-"""Layer 1 (core): the command line's output paths, checked before any work and written all-or-nothing.
+"""The command line's output paths, checked before any work and written all-or-nothing.
 
 `check_out_file` and `check_out_dir` turn every way an output path can be wrong (a folder where a file
 is expected or the reverse, a parent that is a file, a folder that cannot be created or written in) into

@@ -1,4 +1,4 @@
-"""Layer 1 (core): independent jobs over worker processes, the one way every stage does it.
+"""Independent jobs over worker processes, the one way every stage does it.
 
 Small-tensor torch work (a 128² render, a 3.5 M-parameter transformer at batch 4) scales poorly over
 threads (a cpu distillation step: 2.85 steps/s on 1 thread, 3.46 on 2, 1.2x); independent jobs (scenes,

@@ -1,4 +1,4 @@
-"""Layer 6 (evaluation): the benchmark's baselines, the multi-view consistency measure and its rows.
+"""The benchmark's baselines, the multi-view consistency measure and its rows.
 
 Every method is applied to the same compressed test renders (paper §4.2): `compressed` (none),
 `bm3d` (noise level estimated per image), `img2img` (the prior without LoRA, K Euler steps from t0
@@ -23,6 +23,7 @@ from nifi_utils.eval.bm3d import bm3d_many, bm3d_restore, estimate_noise_sigma  
 from nifi_utils.gs.cameras import Camera
 from nifi_utils.core.common import NifiError
 from nifi_utils.core.facts import METHOD_ORDER, NIFI_VARIANTS, OUR_CODEC, REFINED  # noqa: F401
+from nifi_utils.core.images import read_rgb
 from nifi_utils.measure.metrics import to_bchw
 
 
@@ -143,11 +144,8 @@ def list_test_views(renders_dir: Path, max_views: int = 0) -> list[str]:
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    if not Path(path).is_file():
-        raise NifiError(f"image {path} not found")
-    return np.asarray(Image.open(path).convert("RGB"))
+    """An RGB uint8 HxWx3 image (`core.images.read_rgb`); a missing file is one NifiError line."""
+    return read_rgb(path)
 
 
 def save_rgb(img, path: Path) -> np.ndarray:
@@ -229,7 +227,7 @@ def check_targets(df, *, heldout: str, trained: str, heldout_gain: float = 0.15,
                   trained_gain: float = 0.20, transfer: float = 0.6, psnr_margin_db: float = 0.3,
                   ssim_margin: float = 0.03, periodic_mean: float = 0.05, periodic_upper: float = 0.10,
                   wo_t0_rates: int = 2, moonshot_rates: int = 2) -> tuple[dict, list[str]]:
-    """The benchmark's targets (issues 22 and 30), our codec, every rate, on 95 % paired bootstrap intervals where the
+    """The benchmark's targets for our codec, every rate, on 95 % paired bootstrap intervals where the
     target names one. `heldout`: the perceptual network NiFi never trains on (the judge); `trained`: the one it does.
     - against the regression row (the strongest simple baseline, trained on NiFi's pairs and data loss): never worse
       on `heldout` (lower bound of nifi - regression <= 0), less invention (flat-region excess below the regression
@@ -320,7 +318,7 @@ def check_targets(df, *, heldout: str, trained: str, heldout_gain: float = 0.15,
 
 def refined_checks(at: dict, r: str, key: str, checks: dict, lines: list, gain: float = 0.20, psnr_drop_db: float = 0.3,
                    consistency_margin: float = 0.05) -> None:
-    """NiFi-3D's targets at rate `r` (issue 15), on paired intervals: the refined 3DGS alone (`nifi_3d`) at least
+    """NiFi-3D's targets at rate `r`, on paired intervals: the refined 3DGS alone (`nifi_3d`) at least
     `gain` better than the compressed render on `key` (lower bound), PSNR at most `psnr_drop_db` below it (lower
     bound), multi-view inconsistency not above the compressed render's by more than `consistency_margin` (upper
     bound; 1.0 = ground truth's); refined + per-frame NiFi (`nifi_3d_plus`) better than NiFi on `key` and PSNR."""

@@ -1,4 +1,4 @@
-"""Layer 6 (evaluation): the BM3D baseline (the `bm3d` package), noise level estimated per image.
+"""The BM3D baseline (the `bm3d` package), noise level estimated per image.
 
 Kept free of torch so that BM3D worker processes start in a fraction of a second: BM3D's C core is
 single-threaded per call, so the benchmark spreads images over processes instead.

@@ -1,4 +1,4 @@
-"""Layer 6 (evaluation): rate-distortion curves, Table 1 and the qualitative grid from `benchmark.csv`.
+"""Rate-distortion curves, Table 1 and the qualitative grid from `benchmark.csv`.
 
 The benchmark stage writes one row per (method, codec, rate, scene, view). Here those rows are
 averaged (per scene first, then over scenes, the 3DGS convention), drawn against the rate in MB
@@ -18,6 +18,7 @@ import pandas as pd
 from nifi_utils.core.facts import (LAST_BASELINE, METHOD_LABELS, METHOD_ORDER, METRIC_LABELS, OUR_CODEC,  # noqa: F401
                                    higher_is_better)
 from nifi_utils.core.common import NifiError
+from nifi_utils.core.images import read_rgb
 from nifi_utils.measure.stats import MAY_BE_UNDEFINED, mean_ci, tiers
 
 METHOD_COLORS = {"3dgs": "black", "compressed": "tab:gray", "bm3d": "tab:blue", "regression": "tab:green",
@@ -496,13 +497,11 @@ def image_path(data_root: str | Path, method: str, scene: str, rate: str, view: 
 
 
 def read_image(path: Path) -> np.ndarray:
-    """An RGB uint8 image; a missing file names the stage that writes it."""
-    from PIL import Image
-
+    """An RGB uint8 image (`core.images.read_rgb`); a missing file names the stage that writes it."""
     if not path.is_file():
         stage = "synthesis" if "renders" in path.parts else "benchmark"
         raise NifiError(f"{path} not found: the {stage} stage writes it")
-    return np.asarray(Image.open(path).convert("RGB"))
+    return read_rgb(path)
 
 
 def grid_selection(df: pd.DataFrame, grid_views: int, codec: str = OUR_CODEC) -> tuple[list, list, list]:
@@ -515,10 +514,51 @@ def grid_selection(df: pd.DataFrame, grid_views: int, codec: str = OUR_CODEC) ->
     return pairs, rates, methods
 
 
+def _show_with_crop(top, bot, im: np.ndarray, y: int, x: int, c: int) -> None:
+    """`im` on the axes `top` with the c x c crop at (y, x) boxed in yellow; the crop on `bot`, magnified with
+    nearest-neighbour interpolation (no smoothing hides an artifact)."""
+    from matplotlib.patches import Rectangle
+
+    top.imshow(im)
+    top.add_patch(Rectangle((x - 0.5, y - 0.5), c, c, fill=False, ec="yellow", lw=1))
+    bot.imshow(im[y:y + c, x:x + c], interpolation="nearest")
+
+
+def image_row(panels: list[tuple[str, np.ndarray]], title: str = "", size: float = 2.6):
+    """Figure: a row of (caption, image) panels."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size + 0.5), squeeze=False)
+    for ax, (caption, im) in zip(axes[0], panels):
+        ax.imshow(im)
+        ax.set_title(caption, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def crop_row(panels: list[tuple[str, np.ndarray]], crop: int, title: str = ""):
+    """Figure: a row of (caption, image) panels, the first the ground truth, and below each its crop where the
+    ground truth has the most gradient energy (`find_crop`, the qualitative grid's crop), magnified."""
+    import matplotlib.pyplot as plt
+
+    y, x = find_crop(panels[0][1], crop)
+    c = min(crop, *panels[0][1].shape[:2])
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.1 * len(panels), 4.4), squeeze=False)
+    for j, (caption, im) in enumerate(panels):
+        _show_with_crop(axes[0, j], axes[1, j], im, y, x, c)
+        axes[0, j].set_title(caption, fontsize=8)
+        for a in axes[:, j]:
+            a.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_grid(df: pd.DataFrame, data_root: str | Path, grid_views: int, crop: int, metric: str, codec: str = OUR_CODEC):
     """Figure: per (scene, view, rate) a row of images (GT, compressed, restorers) and a row of their zoomed crops."""
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     pairs, rates, methods = grid_selection(df, grid_views, codec)
     if not pairs:
@@ -536,9 +576,7 @@ def plot_grid(df: pd.DataFrame, data_root: str | Path, grid_views: int, crop: in
         for j, method in enumerate(cols):
             im = gt if method == "gt" else read_image(image_path(data_root, method, scene, rate, view))
             top, bot = axes[2 * b, j], axes[2 * b + 1, j]
-            top.imshow(im)
-            top.add_patch(Rectangle((x - 0.5, y - 0.5), c, c, fill=False, ec="yellow", lw=1))
-            bot.imshow(im[y:y + c, x:x + c], interpolation="nearest")
+            _show_with_crop(top, bot, im, y, x, c)
             top.set_title("ground truth" if method == "gt" else method_label(method).removeprefix("+ "), fontsize=7)
             v = values.get((method, scene, rate, view), np.nan)
             bot.set_title("crop" if method == "gt" else f"{name} {v:.3f}" if np.isfinite(v) else f"{name} –", fontsize=6)

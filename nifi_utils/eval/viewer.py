@@ -1,4 +1,4 @@
-"""Layer 6 (evaluation): an offline browser viewer of a scene at every rate, and a headless-Chromium check.
+"""An offline browser viewer of a scene at every rate, and a headless-Chromium check.
 
 One self-contained HTML page per scene (works from ``file://``, no network): the SuperSplat viewer
 that ``splat-transform`` (pinned in the Makefile) bundles, with every variant of the scene embedded
@@ -20,7 +20,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -89,15 +88,18 @@ def decode_nifi(path: str | Path, out_ply: str | Path) -> int:
 # ---------------------------------------------------------------- geometry
 
 def rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The smallest rotation matrix taking unit vector a to unit vector b (Rodrigues)."""
-    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
-    v, c = np.cross(a, b), float(a @ b)
-    if c < -1 + 1e-9:  # opposite: half turn about any axis orthogonal to a
-        axis = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
-        axis /= np.linalg.norm(axis)
-        return 2 * np.outer(axis, axis) - np.eye(3)
-    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
-    return np.eye(3) + vx + vx @ vx / (1 + c)
+    """The smallest rotation matrix taking the direction of a to that of b: scipy's `Rotation.align_vectors` of one
+    pair (the shortest arc). Antiparallel (cos within 1e-9 of -1), where that arc's axis is undefined and
+    align_vectors loses precision (scipy 1.17: |R a - b| up to 1.6 for b = -a up to rounding), a half turn about an
+    axis orthogonal to a, then the short arc from -a to b."""
+    from scipy.spatial.transform import Rotation
+
+    a, b = (np.asarray(v, dtype=float) / np.linalg.norm(v) for v in (a, b))
+    if float(a @ b) > -1 + 1e-9:
+        return Rotation.align_vectors(b, a)[0].as_matrix()
+    axis = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
+    half = Rotation.from_rotvec(np.pi * axis / np.linalg.norm(axis))
+    return (Rotation.align_vectors(b, -a)[0] * half).as_matrix()  # the half turn first
 
 
 def euler_xyz_degrees(R: np.ndarray) -> tuple[float, float, float]:
@@ -425,94 +427,91 @@ def chromium_path() -> str | None:
     return None
 
 
-class Browser:
-    """Headless Chromium driven over the DevTools protocol on a pipe (no port, no extra package).
+# Chromium's switches: headless software WebGL (SwiftShader, no GPU), no background traffic of its own, and every
+# request sent to a dead proxy (port 9, discard) so that a page that needs the network fails to draw
+_CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                  "--ignore-gpu-blocklist", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                  "--mute-audio", "--proxy-server=127.0.0.1:9"]
 
-    Software WebGL (SwiftShader), network off (every request goes to a dead proxy): a page that
-    needs anything beyond ``file://`` and ``data:`` fails to draw. ``loopback=True`` lets requests to this
-    machine through (a local server, e.g. JupyterLab's in tests/test_lab.py); the rest stays cut.
+
+class Browser:
+    """Headless Chromium (the system's, see `chromium_path`; Playwright's own browser downloads are not used)
+    driven by Playwright.
+
+    Software WebGL (SwiftShader), network off (every request goes to a dead proxy): a page that needs anything
+    beyond ``file://`` and ``data:`` fails to draw. ``loopback=True`` lets requests to this machine through (a local
+    server, e.g. JupyterLab's in tests/test_lab.py); the rest stays cut. ``console`` collects the page's console
+    messages and its uncaught exceptions ("exception: ...") since the last `open`.
+
+    Playwright's sync API refuses a thread with a running asyncio loop (a Jupyter kernel's, where the viewer stage's
+    notebook runs), so it runs on a thread of its own and every call is handed to it.
     """
 
     def __init__(self, width: int = 800, height: int = 600, exe: str | None = None, loopback: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
         exe = exe or chromium_path()
         if exe is None:
             raise NifiError("chromium not found (Debian: apt-get install chromium)")
-        self.width, self.height = width, height
-        self._profile = tempfile.TemporaryDirectory()
-        to_chrome_r, self._w = os.pipe()
-        self._r, from_chrome_w = os.pipe()
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            raise NifiError("playwright not installed (pip install -r requirements.txt -c constraints.txt)") from None
+        self.width, self.height, self.console = width, height, []
+        self._pw = self._browser = self._page = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="nifi-browser")
+        # Chromium sends loopback past any proxy unless told `<-loopback>`
+        args = [*_CHROMIUM_ARGS, *([] if loopback else ["--proxy-bypass-list=<-loopback>"])]
+        try:
+            self._run(self._start, exe, args)
+        except BaseException:
+            self.close()
+            raise
 
-        def _fds():  # the DevTools pipe is fds 3 (commands in) and 4 (replies out)
-            a, b = os.dup(to_chrome_r), os.dup(from_chrome_w)
-            os.dup2(a, 3)
-            os.dup2(b, 4)
+    def _run(self, fn, *args):
+        return self._thread.submit(fn, *args).result()
 
-        args = [exe, "--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                "--ignore-gpu-blocklist", "--proxy-server=127.0.0.1:9",
-                # Chromium sends loopback past any proxy unless told `<-loopback>`
-                *([] if loopback else ["--proxy-bypass-list=<-loopback>"]),
-                "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--mute-audio",
-                f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}",
-                "--remote-debugging-pipe", "about:blank"]
-        self._proc = subprocess.Popen(args, preexec_fn=_fds, close_fds=False, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self._buf, self._id, self.console = b"", 0, []
-        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for m in ("Runtime.enable", "Page.enable"):
-            self.call(m, session=True)
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=True)
+    def _start(self, exe: str, args: list[str]):
+        from playwright.sync_api import sync_playwright
 
-    def call(self, method: str, params: dict | None = None, session: bool = False, timeout: float = 60) -> dict:
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = self._session
-        os.write(self._w, json.dumps(msg).encode() + b"\0")
-        deadline = time.time() + timeout
-        import select
-
-        while True:
-            while b"\0" in self._buf:
-                raw, self._buf = self._buf.split(b"\0", 1)
-                d = json.loads(raw)
-                if d.get("method") == "Runtime.exceptionThrown":
-                    self.console.append("exception: " + d["params"]["exceptionDetails"].get("text", ""))
-                elif d.get("method") == "Runtime.consoleAPICalled":
-                    self.console.append(" ".join(str(a.get("value", "")) for a in d["params"]["args"]))
-                if d.get("id") == self._id:
-                    if "error" in d:
-                        raise RuntimeError(f"{method}: {d['error'].get('message')}")
-                    return d.get("result", {})
-            left = deadline - time.time()
-            if left <= 0 or not select.select([self._r], [], [], left)[0]:
-                raise TimeoutError(f"chromium did not answer {method} in {timeout:.0f} s")
-            chunk = os.read(self._r, 1 << 20)
-            if not chunk:
-                raise RuntimeError("chromium exited")
-            self._buf += chunk
+        self._pw = sync_playwright().start()
+        self._browser = self._pw.chromium.launch(executable_path=exe, args=args, timeout=60_000)
+        self._page = self._browser.new_page(viewport={"width": self.width, "height": self.height},
+                                            device_scale_factor=1)
+        self._page.on("console", lambda m: self.console.append(m.text))
+        self._page.on("pageerror", lambda e: self.console.append(f"exception: {e}"))
 
     def evaluate(self, expression: str):
-        r = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=True)
-        return r.get("result", {}).get("value")
+        """The value of a JavaScript expression in the page (a Promise is awaited); RuntimeError if it throws."""
+        from playwright.sync_api import Error
+
+        try:
+            return self._run(self._page.evaluate, expression)
+        except Error as e:
+            raise RuntimeError(f"chromium: {str(e).strip().splitlines()[0]}") from None
 
     def open(self, url: str, wait_for: str = "window.nifiView && window.nifiView.drawn === true",
              timeout: float = 120, settle: float = 1.0) -> float:
         """Load url and wait until ``wait_for`` is true; returns seconds waited; TimeoutError otherwise."""
         self.console.clear()
+        return self._run(self._open, url, wait_for, timeout, settle)
+
+    def _open(self, url: str, wait_for: str, timeout: float, settle: float) -> float:
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         # a fresh document per page: a hash-only change to the same file would not reload it
-        self.call("Page.navigate", {"url": "about:blank"}, session=True)
-        self.call("Page.navigate", {"url": url}, session=True)
+        self._page.goto("about:blank")
+        self._page.goto(url, wait_until="commit", timeout=timeout * 1000)
         t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.evaluate(f"Boolean({wait_for})"):
-                time.sleep(settle)  # the first frame is drawn; let sorting and the fade-in finish
-                return time.time() - t0
-            time.sleep(0.25)
-        raise TimeoutError(f"{url}: not drawn after {timeout:.0f} s (console: {' | '.join(self.console[-5:])})")
+        check = f"(() => {{ try {{ return Boolean({wait_for}); }} catch (e) {{ return false; }} }})()"
+        try:  # a check that throws (the page is still loading) counts as not yet
+            self._page.wait_for_function(check, timeout=timeout * 1000, polling=250)
+        except PlaywrightTimeout:
+            seen = " | ".join(self.console[-5:])
+            raise TimeoutError(f"{url}: not drawn after {timeout:.0f} s (console: {seen})") from None
+        self._page.wait_for_timeout(settle * 1000)  # the first frame is drawn; let sorting and the fade-in finish
+        return time.time() - t0
 
     def screenshot(self, path: str | Path | None = None) -> np.ndarray:
         """The viewport as an RGB array (and a PNG at path)."""
@@ -520,27 +519,24 @@ class Browser:
 
         from PIL import Image
 
-        data = base64.b64decode(self.call("Page.captureScreenshot", {"format": "png"}, session=True)["data"])
+        data = self._run(lambda: self._page.screenshot(type="png", timeout=60_000))
         if path is not None:
             Path(path).write_bytes(data)
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
     def close(self):
-        try:
-            self.call("Browser.close", timeout=10)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._profile.cleanup()
+        def stop():
+            for f in (lambda: self._browser and self._browser.close(), lambda: self._pw and self._pw.stop()):
+                try:
+                    f()
+                except Exception:  # already gone: closing is best effort
+                    pass
+            self._pw = self._browser = self._page = None
+
+        if self._thread is not None:
+            self._run(stop)
+            self._thread.shutdown()
+            self._thread = None
 
     def __enter__(self):
         return self

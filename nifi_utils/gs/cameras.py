@@ -1,4 +1,4 @@
-"""Layer 1 (core): pinhole cameras in the NeRF `transforms.json` convention.
+"""Pinhole cameras in the NeRF `transforms.json` convention.
 
 `transform_matrix` is camera-to-world with OpenGL axes (x right, y up, camera looks down -z).
 gsplat wants world-to-camera with OpenCV axes (x right, y down, looks down +z): `viewmat()`.

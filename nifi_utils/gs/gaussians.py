@@ -1,4 +1,4 @@
-"""Layer 1 (core): the Gaussian scene and INRIA-format `.ply` read/write.
+"""The Gaussian scene and INRIA-format `.ply` read/write.
 
 The `.ply` layout is the one written by the original 3DGS code (and gsplat / nerfstudio exports):
 ``x y z nx ny nz f_dc_0..2 f_rest_0.. opacity scale_0..2 rot_0..3``, float32, binary little

@@ -1,4 +1,4 @@
-"""Layer 2 (render): 3DGS rasterization with gsplat's conventions on CUDA and on CPU.
+"""3DGS rasterization with gsplat's conventions on CUDA and on CPU.
 
 On CUDA, `rasterization` calls `gsplat.rasterization`. gsplat ships no CPU compositing (its
 `_rasterize_to_pixels` reference needs CUDA), and nothing maintained on PyPI rasterizes 3DGS
@@ -128,7 +128,7 @@ def _composite_batch(feats, mean_local, conic, opac, color):
     (padding slots have opacity 0). Returns colors [B,P,D] and alphas [B,P].
 
     Only ~5-15 % of a tile's (pixel, Gaussian) pairs reach gsplat's alpha >= 1/255 (measured on the cpu
-    scenes: benchmarks/results/stage_profile.json), so the pairs are found first on the dense exponents,
+    scenes), so the pairs are found first on the dense exponents,
     without autograd and without an exp, and everything after that (alpha, transmittance, weights, the sums)
     runs on those pairs only. The transmittance is a cumulative sum per pixel over its kept pairs in depth
     order: the pairs dropped there add exactly 0 to it, so it is the dense walk's sum.

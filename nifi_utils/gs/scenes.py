@@ -1,4 +1,4 @@
-"""Layer 3 (scenes): procedural multi-view Gaussian scenes (cpu/tiny) and real COLMAP datasets (paper).
+"""Procedural multi-view Gaussian scenes (cpu/tiny) and real COLMAP datasets (paper).
 
 A procedural scene is a textured ground, a cylindrical backdrop and several textured objects
 (boxes, spheres, cylinders, tori) covered by flat Gaussians tangent to their surfaces, coloured
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from nifi_utils.core.facts import is_test_view
+from nifi_utils.core.images import image_size, read_rgb
 from nifi_utils.gs.cameras import Camera, CameraSet, look_at, read_transforms, split_indices, write_transforms
 from nifi_utils.core.common import NifiError, progress
 from nifi_utils.gs.gaussians import GaussianScene, read_ply, rgb_to_sh0
@@ -490,7 +491,6 @@ def colmap_cameras(colmap_dir: str | Path, images_subdir: str = "images") -> Cam
     """Cameras of a COLMAP reconstruction (`sparse/0` under `colmap_dir`), sorted by image name,
     in the transforms.json convention, with intrinsics scaled to the images in `images_subdir`."""
     import pycolmap
-    from PIL import Image
 
     root = Path(colmap_dir)
     sparse = next((p for p in (root / "sparse" / "0", root / "sparse", root) if (p / "cameras.bin").exists() or (p / "cameras.txt").exists()), None)
@@ -511,8 +511,7 @@ def colmap_cameras(colmap_dir: str | Path, images_subdir: str = "images") -> Cam
         fp = img_dir / im.name
         if not fp.exists():
             raise NifiError(f"COLMAP image {im.name} not found in {img_dir}")
-        with Image.open(fp) as pil:
-            w, h = pil.size
+        w, h = image_size(fp)
         sx, sy = w / cam.width, h / cam.height
         cams.append(Camera(c2w, K[0, 0] * sx, K[1, 1] * sy, K[0, 2] * sx, K[1, 2] * sy, w, h, Path(im.name).stem))
         paths.append(f"images/{im.name}")
@@ -541,13 +540,12 @@ def import_colmap_scene(name: str, colmap_dir: str | Path, ply: str | Path, out_
     resized = []
     for cam, fp in zip(cams, cams.file_paths):
         src = Path(colmap_dir) / images_subdir / Path(fp).name
-        with Image.open(src) as im:
-            im = im.convert("RGB")
-            if cam.width > max_width:
-                h = round(cam.height * max_width / cam.width)
-                im = im.resize((max_width, h), Image.LANCZOS)
-                cam = cam.resized(max_width, h)
-            im.save(out / "images" / (Path(fp).stem + ".png"))
+        im = Image.fromarray(read_rgb(src))
+        if cam.width > max_width:
+            h = round(cam.height * max_width / cam.width)
+            im = im.resize((max_width, h), Image.LANCZOS)
+            cam = cam.resized(max_width, h)
+        im.save(out / "images" / (Path(fp).stem + ".png"))
         resized.append(cam)
     cs = CameraSet(resized, [f"images/{Path(fp).stem}.png" for fp in cams.file_paths])
     train, test = split_indices(len(cs))
@@ -562,7 +560,6 @@ def contact_sheet(scene_dirs: list[Path], path: str | Path, n_cols: int = 6, tit
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     rows = len(scene_dirs)
     fig, axes = plt.subplots(rows, n_cols, figsize=(1.6 * n_cols, 1.75 * rows), squeeze=False)
@@ -573,7 +570,7 @@ def contact_sheet(scene_dirs: list[Path], path: str | Path, n_cols: int = 6, tit
         size_mb = (Path(d) / "point_cloud.ply").stat().st_size / 1e6
         for c, i in enumerate(pick):
             ax = axes[r, c]
-            ax.imshow(Image.open(Path(d) / frames[i]["file_path"]))
+            ax.imshow(read_rgb(Path(d) / frames[i]["file_path"]))
             ax.set_xticks([])
             ax.set_yticks([])
             tag = "test" if is_test_view(i) else "train"

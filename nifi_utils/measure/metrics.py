@@ -1,4 +1,4 @@
-"""Layer 6 (evaluation): image metrics, each labelled by what it is and which backend computed it.
+"""Image metrics, each labelled by what it is and which backend computed it.
 
 ST-LPIPS (shift-tolerant LPIPS, `stlpips-pytorch`) ships its complete AlexNet/VGG weights and runs
 offline; it is *not* LPIPS and is never reported under that name. Real LPIPS needs torchvision's

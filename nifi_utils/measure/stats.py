@@ -1,4 +1,4 @@
-"""Layer 6 (evaluation): uncertainty of benchmark means, by a two-level (scenes, then views) bootstrap.
+"""Uncertainty of benchmark means, by a two-level (scenes, then views) bootstrap.
 
 A benchmark mean is taken over the test views of each evaluation scene, then over scenes. Views of
 one scene are not independent (they share its content), so resampling images alone would make the

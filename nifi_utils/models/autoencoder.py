@@ -1,8 +1,8 @@
-"""Layer 5 (models): the cpu prior's autoencoder, `PatchAutoencoder` (AutoencoderKL's interface, patch PCA
+"""The cpu prior's autoencoder, `PatchAutoencoder` (AutoencoderKL's interface, patch PCA
 plus zero-initialised residual blocks).
 
 The lowest module of the models layer: `restorer.py` looks a VAE class up here by the `_class_name` of a
-prior folder's `vae/config.json`, and `models.py` (tiny instances, prior folders) and `prior.py` (its
+prior folder's `vae/config.json`, and `folders.py` (tiny instances, prior folders) and `prior.py` (its
 training) build it; this module imports neither, so they form no import cycle.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layer 5 (models): NiFi distillation, training the one-step restorer (paper §3, Eqs. 1, 4-8).
+"""NiFi distillation, training the one-step restorer (paper §3, Eqs. 1, 4-8).
 
 Generator phi- (LoRA on the transformer and the VAE encoder; `vae_lora: encoder_decoder`, our extension, on the
 decoder too) restores in one step from the degraded
@@ -16,15 +16,16 @@ or N processes (`accelerate launch`, DDP over phi- and phi+: gloo on CPU, NCCL o
 batch, pairs per optimizer step over all ranks: every rank draws the whole batch, its crops and its noise from one
 stream seeded by `seed` alone and computes on its share (rank r: pairs [r b/N, (r+1) b/N)), DDP averages the LoRA
 gradients, so N ranks follow one process's trajectory up to float rounding and the number of processes is a
-resource, not a hyperparameter. Only the main process evaluates and exports. Checkpoints hold LoRA weights,
-optimizers, the step and the stream, so an interrupted run resumes into the same trajectory on any number of
-processes.
+resource, not a hyperparameter. Only the main process evaluates and exports. Checkpoints are accelerate's
+`save_state` folders: the LoRA weights (only they train), the optimizers, every rank's global RNGs, and (registered
+for checkpointing) the step, the shared stream and the history, so an interrupted run resumes into the same
+trajectory on any number of processes.
 """
 from __future__ import annotations
 
 import copy
 import json
-import random
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,10 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from nifi_utils.core.common import NifiError, progress
+from nifi_utils.core.images import read_rgb
 from nifi_utils.core.facts import OFFICIAL_T0, judge_metric  # noqa: F401  (re-exported)
 from nifi_utils.core.launch import batch_share
 from nifi_utils.measure.metrics import perceptual_fn  # noqa: F401  (the loss lives with the metrics; re-exported)
 from nifi_utils.models.restorer import CRITIC_LORA_TARGETS, VAE_LORA_MODES, Restorer
+
+
+# the state a distillation checkpoint (accelerate's save_state folder) registers beside the models and optimizers
+CHECKPOINT_FORMAT = "nifi-distill-state/2"
 
 
 @dataclass
@@ -95,7 +101,6 @@ class PairSet:
 
     @classmethod
     def from_pairs_dir(cls, root: Path, levels=None) -> "PairSet":
-        from PIL import Image
 
         lq, hq, meta = [], [], []
         for scene in sorted(p for p in Path(root).iterdir() if p.is_dir()):
@@ -107,8 +112,8 @@ class PairSet:
                     c = scene / "clean" / f.name
                     if not c.is_file():
                         raise NifiError(f"pair {f} has no clean image {c}")
-                    lq.append(np.asarray(Image.open(f).convert("RGB")))
-                    hq.append(np.asarray(Image.open(c).convert("RGB")))
+                    lq.append(read_rgb(f))
+                    hq.append(read_rgb(c))
                     meta.append((scene.name, lv, f.stem))
         if not lq:
             raise NifiError(f"no training pairs under {root}: run the synthesis stage first")
@@ -208,50 +213,95 @@ class Distiller:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
+        # accelerate's save_state/load_state: the LoRA weights through the hooks, this object's state as a custom one
+        self.acc.register_save_state_pre_hook(self._save_lora_hook)
+        self.acc.register_load_state_pre_hook(self._load_lora_hook)
+        self.acc.register_for_checkpointing(self)
         ts = r.scheduler.timesteps.float()
         self.timesteps, self.sigmas = ts, r.scheduler.sigmas.float()[: len(ts)]
 
-    # -------------------------------------------------------------- state (for accelerate checkpoints)
-    def state_dict(self):
-        return {"step": self.step, "gen": self.gen.get_state(), "history": json.dumps(self.history),
-                "torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "py": repr(random.getstate())}
+    # -------------------------------------------------------------- checkpoints (accelerate's save_state)
+    def state_dict(self) -> dict:
+        """What accelerate's `save_state` keeps for this object (registered with `register_for_checkpointing`):
+        the step, the shared stream (a torch.Generator, which accelerate's RNG states do not cover), the history,
+        and accelerate's own step counter (the gradient-accumulation phase; accelerate saves it in each rank's RNG
+        file, which a rank beyond the saving run's process count does not have)."""
+        return {"format": CHECKPOINT_FORMAT, "step": self.step, "gen": self.gen.get_state(),
+                "history": json.dumps(self.history), "accelerator_step": self.acc.step,
+                "processes": self.acc.num_processes}
 
-    def load_state_dict(self, sd):
+    def load_state_dict(self, sd: dict):
+        if sd.get("format") != CHECKPOINT_FORMAT:
+            raise NifiError(f"the distillation checkpoint's state has format {sd.get('format')!r}, not this "
+                            f"version's {CHECKPOINT_FORMAT!r}: delete the folder to start over")
         self.step = int(sd["step"])
         self.gen.set_state(sd["gen"])
         self.history = json.loads(sd["history"])
-        torch.set_rng_state(sd["torch"])
+        self.acc.step = int(sd["accelerator_step"])
+
+    def _lora(self, model) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.acc.unwrap_model(model).named_parameters() if "lora_" in n}
+
+    def _save_lora_hook(self, models, weights, output_dir):
+        """accelerate's save hook: only the LoRA weights of phi- and phi+ (the frozen prior is the base model's),
+        named as in the unwrapped modules, so that a checkpoint of N processes (DDP) resumes on any number."""
+        for i, m in enumerate(models):
+            weights[i] = {n: p.detach().cpu() for n, p in self._lora(m).items()}
+
+    def _load_lora_hook(self, models, input_dir):
+        """accelerate's load hook: copy the saved LoRA weights into phi- and phi+ and take the models off
+        accelerate's list (it would load them as full state dicts)."""
+        from accelerate.utils import SAFE_MODEL_NAME
+        from safetensors.torch import load_file
+
+        for i, m in enumerate(models):
+            f = Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors"  # save_state's names
+            saved, mine = load_file(f), self._lora(m)
+            if set(saved) != set(mine) or any(saved[n].shape != p.shape for n, p in mine.items()):
+                raise NifiError(f"checkpoint {input_dir} holds other LoRA weights than this run's (another rank, "
+                                f"critic_rank or vae_lora?): delete the folder to start over")
+            with torch.no_grad():
+                for n, p in mine.items():
+                    p.copy_(saved[n])
+        models.clear()
+
+    @staticmethod
+    def has_checkpoint(folder: str | Path) -> bool:
+        """Whether `folder` holds a checkpoint to resume from (of this version or an older one)."""
+        folder = Path(folder)
+        return (folder / "custom_checkpoint_0.pkl").is_file() or (folder / "training_state.pt").is_file()
 
     def save_checkpoint(self, folder: str | Path):
-        """The main process saves the step, the stream, the history, the LoRA weights and the optimizers (all the
-        same on every rank: one stream, DDP's averaged updates). A collective: call it on every rank."""
+        """accelerate's `save_state` into `folder`: the main process writes the LoRA weights, the optimizers and this
+        object's state (all the same on every rank: one stream, DDP's averaged updates), every rank its RNG states.
+        Written into `folder`.partial and then renamed, so an interruption while saving leaves the previous
+        checkpoint whole. A collective: call it on every rank."""
         folder = Path(folder)
+        part, old = (folder.with_name(folder.name + ext) for ext in (".partial", ".old"))
         if self.acc.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self.state_dict(), folder / "distiller_state.pt")
-            torch.save({"opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
-                        "gen_lora": [p.detach().cpu() for p in self.gen_params],
-                        "crit_lora": [p.detach().cpu() for p in self.crit_params],
-                        "processes": self.acc.num_processes, "streams": "global-batch"},
-                       folder / "training_state.pt")
+            for f in (part, old):
+                shutil.rmtree(f, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(part))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            if folder.exists():
+                folder.rename(old)
+            part.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
     def load_checkpoint(self, folder: str | Path):
-        """Resume from `folder` on any number of processes (the stream and the global batch do not depend on it)."""
+        """Resume from `folder` (accelerate's `load_state`) on any number of processes: the stream and the global
+        batch do not depend on it (a rank the saving run did not have keeps its own global RNGs, which the training
+        step does not draw from)."""
         folder = Path(folder)
-        st = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-        saved = int(st.get("processes", 1))
-        if saved > 1 and st.get("streams") != "global-batch":
-            raise NifiError(f"checkpoint {folder} was written by {saved} processes with per-rank streams (before the "
-                            f"global batch): it cannot continue its trajectory; delete the folder to start over")
-        with torch.no_grad():
-            for p, v in zip(self.gen_params, st["gen_lora"]):
-                p.copy_(v)
-            for p, v in zip(self.crit_params, st["crit_lora"]):
-                p.copy_(v)
-        self.opt_g.load_state_dict(st["opt_g"])
-        self.opt_c.load_state_dict(st["opt_c"])
-        self.load_state_dict(torch.load(folder / "distiller_state.pt", map_location="cpu", weights_only=True))
+        if not (folder / "custom_checkpoint_0.pkl").is_file():
+            if (folder / "training_state.pt").is_file():
+                raise NifiError(f"checkpoint {folder} is in the hand-written format of an older version, which "
+                                f"accelerate's load_state does not read: delete the folder to start over")
+            raise NifiError(f"no distillation checkpoint in {folder} (no custom_checkpoint_0.pkl of save_state)")
+        self.acc.load_state(str(folder))
 
     # -------------------------------------------------------------- pieces
     def _mine(self, full: torch.Tensor) -> torch.Tensor:
@@ -280,7 +330,7 @@ class Distiller:
         """Classifier-free-guided velocities of the latents `xs` (each [b,...]) at timestep t, in one forward of
         `model`: the latents and their conditional and unconditional halves go as one batch. On the cpu prior
         (batch 4, 16x16x16 latents, one thread) the TSD step's six forwards took 118-136 ms, batched as two
-        90-102 ms; the guided teacher was a quarter of the training step (benchmarks/results/stage_profile.json)."""
+        90-102 ms; the guided teacher was a quarter of the training step."""
         r = self.r
         n, b = len(xs), xs[0].shape[0]
         x = torch.cat(xs)
@@ -339,7 +389,10 @@ class Distiller:
                     critic.enable_adapters()
                     (v_fake_hat,) = self._cfg(critic, [xh_t], t, pe, pp)
                     g = cfg.alpha * s ** 2 * (v_real_hat - v_fake_hat) + (1 - cfg.alpha) * s ** 2 * (v_real_hat - v_real_gt)
-                    g = torch.nan_to_num(g)
+                    if not bool(torch.isfinite(g).all()):
+                        bad = int((~torch.isfinite(g)).sum())
+                        raise NifiError(f"step {self.step + 1}: the TSD gradient (Eq. 5) has NaN/Inf values ({bad} of "
+                                        f"{g.numel()}); training stopped before the update")
                 l_kl = 0.5 * F.mse_loss(x_hat, (x_hat - g).detach())
                 loss = loss + cfg.tsd_weight * l_kl
                 logs["l_kl"] = float(l_kl.detach())
@@ -412,12 +465,9 @@ def config_dict(cfg: DistillConfig) -> dict:
 def heldout_pairs(renders_root: Path, scenes: list[str], per_level: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(compressed [N,3,H,W], ground truth [N,3,H,W] in [0,1], level [N]) of the training scenes' *test* views
     (every 8th view, never a training pair), the first `per_level` of every compression level."""
-    from PIL import Image
-
     held = []
     for f in sorted(f for s in scenes for f in (Path(renders_root) / s).glob("level*/*.png")):
-        held.append((int(f.parent.name[5:]), np.asarray(Image.open(f).convert("RGB")),
-                     np.asarray(Image.open(f.parent.parent / "gt" / f.name).convert("RGB"))))
+        held.append((int(f.parent.name[5:]), read_rgb(f), read_rgb(f.parent.parent / "gt" / f.name)))
     if not held:
         raise NifiError(f"no compressed test views of {scenes} under {renders_root}: run the synthesis stage")
     levels = sorted({h[0] for h in held})
@@ -492,7 +542,7 @@ def train_variant(name: str, cfg: DistillConfig, base_model: str | Path, ckpt: s
     seed_everything(cfg.seed)
     d = Distiller(Restorer.from_pretrained(base_model, device=device), cfg)
     main = d.acc.is_main_process
-    if (Path(ckpt) / "training_state.pt").is_file():
+    if Distiller.has_checkpoint(ckpt):
         d.load_checkpoint(ckpt)
         if main:
             print(f"{name}: resuming at step {d.step}", flush=True)
@@ -548,16 +598,15 @@ def launch_variants(jobs: list[dict], processes: int) -> list[dict]:
 
 def rank_main(argv: list[str] | None = None) -> int:
     """One rank of `launch_variants`: `python -m nifi_utils.models.distill JOBS.pkl RESULTS.pkl` under `accelerate launch`."""
-    import pickle
     import sys
 
     from accelerate import PartialState
 
-    from nifi_utils.core.launch import finish_rank, run_rank_jobs
+    from nifi_utils.core.launch import finish_rank, rank_jobs, run_rank_jobs
 
     jobs_path, results_path = argv if argv is not None else sys.argv[1:]
     state = PartialState(cpu=not torch.cuda.is_available())
-    jobs = pickle.loads(Path(jobs_path).read_bytes())
+    jobs = rank_jobs(state, jobs_path)
     # every rank runs every variant (DDP inside each); the main process's records are the results
     done = run_rank_jobs(state.process_index, jobs, lambda job: train_variant(**{**job, "device": str(state.device)}),
                          lambda job: job["name"], "variant")

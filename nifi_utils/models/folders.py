@@ -1,4 +1,4 @@
-"""Layer 5 (models): SD3-architecture model folders (the prior's layout) and tiny instances of them.
+"""SD3-architecture model folders (the prior's layout) and tiny instances of them.
 
 `save_prior` writes SD3's diffusers layout (`vae/`, `transformer/`, `scheduler/` with
 `save_pretrained`, plus `embeddings/{default,null}.npz`), so `Restorer.from_pretrained` loads a tiny

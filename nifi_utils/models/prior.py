@@ -1,4 +1,4 @@
-"""Layer 5 (models): pretraining the offline profiles' tiny SD3-architecture prior.
+"""Pretraining the offline profiles' tiny SD3-architecture prior.
 
 The paper downloads SD3-medium; the `cpu` profile has no download, so it trains its own prior on
 clean images of the training split only (training scenes' training views, training photographs and
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nifi_utils.core.common import NifiError, progress
+from nifi_utils.core.images import read_rgb
 
 
 @dataclass
@@ -135,8 +136,6 @@ def generated_images(n_photo_crops: int, n_textures: int, size: int, seed: int, 
 def training_scene_views(scenes_root: Path):
     """(train, held_out, [{name, seed, layout_id}]) uint8 views of the training-split scenes under
     `scenes_root`: held out are the test views (idx % 8 == 0). Evaluation scenes are never read."""
-    from PIL import Image
-
     train, held, meta_out = [], [], []
     dirs = sorted(d for d in scenes_root.iterdir() if d.is_dir()) if scenes_root.is_dir() else []
     for d in dirs:
@@ -145,7 +144,7 @@ def training_scene_views(scenes_root: Path):
             continue  # evaluation scenes never enter the prior's data
         meta_out.append({"name": d.name, "seed": meta.get("seed"), "layout_id": meta.get("layout_id")})
         for i, fr in enumerate(meta["frames"]):
-            im = np.asarray(Image.open(d / fr["file_path"]).convert("RGB"))
+            im = read_rgb(d / fr["file_path"])
             (held if i in meta["test_ids"] else train).append(im)
     if not train:
         raise NifiError(f"no training scenes under {scenes_root}: run the scenes stage first")
@@ -424,3 +423,166 @@ def build_prior(train: torch.Tensor, cfg: PriorConfig, seed: int, dit_time_budge
 
 def config_dict(cfg: PriorConfig) -> dict:
     return asdict(cfg)
+
+
+# ---------------------------------------------------------------------- the prior stage: its sources and its gates
+SD3_FILES = ("vae/config.json", "transformer/config.json", "scheduler/scheduler_config.json")
+PRIOR_SUBFOLDERS = ("vae", "transformer", "scheduler", "embeddings")  # a complete prior folder (SD3's layout)
+
+
+def check_sd3_folder(sd3_dir: str | Path, sd3_embeddings: str | Path) -> dict:
+    """The paper profile's prior, checked where the stage runs (nothing is trained or copied): `sd3_dir` is an
+    SD3 folder in diffusers layout, and the prompt embeddings the stages load (`sd3_embeddings`; distill and the
+    benchmark also read `<sd3_dir>/embeddings/{default,null}.npz`, the null prompt for CFG) fit its transformer,
+    so a wrong file stops this stage before hours of synthesis. A problem is one NifiError line. Returns
+    {sd3_dir, embeddings, prompt_embeds, pooled} (the shapes of `sd3_embeddings`' two arrays)."""
+    from nifi_utils.models.restorer import load_embeddings
+
+    base = Path(sd3_dir)
+    missing = [s for s in SD3_FILES if not (base / s).is_file()]
+    if missing:
+        raise NifiError(f"SD3 folder {base} lacks {missing}: download stabilityai/stable-diffusion-3-medium-diffusers by hand")
+    tcfg = json.loads((base / "transformer" / "config.json").read_text())
+    for emb in (sd3_embeddings, base / "embeddings" / "default.npz", base / "embeddings" / "null.npz"):
+        if not Path(emb).is_file():
+            raise NifiError(f"prompt embeddings {emb} missing: encode NiFi's default prompt and the empty prompt "
+                            "with SD3's text encoders (keys prompt_embeds, pooled_prompt_embeds; see docs/gpu.md)")
+        pe, pp = load_embeddings(emb)
+        if pe.shape[-1] != tcfg["joint_attention_dim"] or pp.shape[-1] != tcfg["pooled_projection_dim"]:
+            raise NifiError(f"{emb} does not fit SD3 (widths {pe.shape[-1]}/{pp.shape[-1]}, the transformer's "
+                            f"{tcfg['joint_attention_dim']}/{tcfg['pooled_projection_dim']})")
+    pe, pp = load_embeddings(sd3_embeddings)
+    return {"sd3_dir": str(base), "embeddings": str(sd3_embeddings), "prompt_embeds": list(pe.shape),
+            "pooled": list(pp.shape)}
+
+
+def adopt_prior(prior_from: str | Path, out_dir: str | Path, scenes_root: str | Path, cfg: PriorConfig, seed: int,
+                profile: str) -> dict:
+    """A complete prior folder trained elsewhere (`scripts/prior_gpu.py train` with the stage's parameters, e.g. on
+    a lent GPU machine) in place of training here. Its `dit_log.json` must show it was trained on this stage's
+    corpus (the same training scenes), with this configuration (every `PriorConfig` field), seed and profile; then
+    its vae/, transformer/, scheduler/ and embeddings/ replace `out_dir`. A mismatch is one NifiError line and
+    nothing is copied.
+
+    Returns {dit_log, corpus, held (the training scenes' held-out views, uint8, read here), n_train, log (the
+    run's block means of the flow loss, as training log entries), timings}."""
+    import shutil
+
+    src = Path(prior_from)
+    log_path = src / "dit_log.json"
+    if not log_path.is_file():
+        raise NifiError(f"{log_path} not found: prior_from names a folder made by scripts/prior_gpu.py train")
+    dit_log = json.loads(log_path.read_text())
+    # the folder must have been trained with this section's configuration (dit_steps/dit_batch/dit_lr included)
+    diff = {k: (dit_log["config"].get(k), v) for k, v in asdict(cfg).items() if dit_log["config"].get(k) != v}
+    if diff:
+        raise NifiError(f"{prior_from} was trained with other parameters (theirs, ours): {diff}")
+    if dit_log["seed"] != seed or dit_log["profile"] != profile:
+        raise NifiError(f"{prior_from}: seed/profile differ (theirs {dit_log['seed']}/{dit_log['profile']}, "
+                        f"ours {seed}/{profile})")
+    _, held, scenes_here = training_scene_views(Path(scenes_root))
+    corpus = dit_log["corpus"]
+    if corpus["scenes"] != scenes_here:
+        raise NifiError(f"{prior_from} was trained on training scenes {corpus['scenes']}, this stage's are {scenes_here}")
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for sub in PRIOR_SUBFOLDERS:
+        shutil.copytree(src / sub, out_dir / sub)
+    log = [{"phase": "dit", "step": e["step"], "loss": e["loss_mean"], "lr": e["lr"]} for e in dit_log["loss_curve"]]
+    timings = {"vae_s": None, "dit_s": dit_log["seconds_dit"], "latents": dit_log["latents"], "dit_device": dit_log["device"]}
+    return {"dit_log": dit_log, "corpus": corpus, "held": held, "n_train": sum(corpus["counts"].values()), "log": log,
+            "timings": timings}
+
+
+def parameter_counts(restorer) -> dict:
+    """{"vae": n, "transformer": n} parameters of a restorer's two models."""
+    return {"vae": sum(p.numel() for p in restorer.vae.parameters()),
+            "transformer": sum(p.numel() for p in restorer.transformer.parameters())}
+
+
+def folder_mb(folder: str | Path) -> float:
+    """Megabytes (1e6 bytes) of every file under `folder`."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6
+
+
+def denoise_from_t0(prior, z: torch.Tensor, t0: float, noise: torch.Tensor) -> torch.Tensor:
+    """The prior's one-step estimate of a clean latent `z` [B,C,h,w] noised to sigma_t0 with `noise`:
+    x_t0 = sigma_t0 noise + (1 - sigma_t0) z, then x^ = x_t0 - sigma_t0 v(x_t0, t0), the flow straight to
+    sigma = 0 (the denoising ceiling of a restorer distilled from this prior). `Restorer.one_step` is NiFi's
+    step, which stops at the scheduler's sigma nearest t = 0."""
+    _, s0, _ = prior.schedule(t0)
+    x_t = s0 * noise + (1 - s0) * z
+    return x_t - s0 * prior.velocity(x_t, t0)
+
+
+def heldout_reconstructions(prior, held: torch.Tensor, t0: float, seed: int, batch: int = 16):
+    """(round trip, one-step denoised from t0, decoded from a latent off by white noise of 0.1) of held-out
+    images `held` [N,3,H,W] in [-1, 1], each [N,3,H,W] in [0, 1]: what the autoencoder keeps, what the
+    transformer can denoise at NiFi's t0 (`denoise_from_t0`) and what the decoder draws from a small latent
+    error (a block on the latent grid?). One CPU generator (`seed`) draws, per batch, the t0 noise and then the
+    latent error."""
+    g = torch.Generator().manual_seed(seed)
+    rt, den, nz = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(held), batch):
+            x = held[i:i + batch]
+            z = prior.encode(x, sample=False)
+            rt.append(prior.decode(z, x.shape[-2:]).clamp(-1, 1))
+            z0 = denoise_from_t0(prior, z, t0, torch.randn(z.shape, generator=g))
+            den.append(prior.decode(z0, x.shape[-2:]).clamp(-1, 1))
+            nz.append(prior.decode(z + 0.1 * torch.randn(z.shape, generator=g), x.shape[-2:]).clamp(-1, 1))
+    return torch.cat(rt) * 0.5 + 0.5, torch.cat(den) * 0.5 + 0.5, torch.cat(nz) * 0.5 + 0.5
+
+
+def compressed_test_views(renders_root: str | Path, scenes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(compressed, ground truth) [N,3,H,W] in [0, 1]: every test view of the training scenes `scenes` at every
+    compression level (the synthesis stage's renders), scene by scene, each scene's levels in order
+    (`distill.heldout_pairs`, all views)."""
+    from nifi_utils.models.distill import heldout_pairs
+
+    root = Path(renders_root)
+    # per scene, every view of every level: as many per level as the scene has ground-truth test views
+    parts = [heldout_pairs(root, [s], per_level=len(list((root / s / "gt").glob("*.png"))))[:2] for s in scenes]
+    return (torch.cat([lq for lq, _ in parts]).contiguous(), torch.cat([gt for _, gt in parts]).contiguous())
+
+
+def sample_from_noise(prior, n: int, size: int, seed: int, steps: int = 20, guidance: float = 3.0) -> torch.Tensor:
+    """`n` images [n,3,size,size] in [0, 1] sampled from pure noise (CPU generator `seed`): `steps` Euler steps
+    of the guided velocity over `Restorer.sampler_sigmas(1000, steps)`, the schedule img2img integrates from t0."""
+    with torch.no_grad():
+        sig = prior.sampler_sigmas(1000, steps)
+        gs = torch.Generator().manual_seed(seed)
+        hw = size // prior.vae_scale_factor
+        xs = torch.randn(n, prior.transformer.config.in_channels, hw, hw, generator=gs)
+        for a, b in zip(sig[:-1], sig[1:]):
+            xs = xs - (a - b) * prior.guided_velocity(xs, 1000 * a, guidance=guidance)
+        return (prior.decode(xs, (size, size)) * 0.5 + 0.5).clamp(0, 1)
+
+
+def _mean_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    from nifi_utils.measure.metrics import psnr
+
+    return float(np.mean([psnr(x, y) for x, y in zip(a[:, None], b[:, None])]))
+
+
+def quality_gates(clean, rt, den, nz, lq, gt, i2i, img2img_steps: int) -> dict:
+    """The prior stage's measurements (images [N,3,H,W] in [0, 1]): the periodic-artifact excess over the reference
+    (`metrics.periodic_artifact`) of the round trip `rt`, the one-step denoising `den` and the noisy-latent decode
+    `nz` (against the held-out `clean`) and of img2img `i2i` and the compressed renders `lq` (against `gt`); PSNR
+    and ST-LPIPS (alex) of the round trip, the denoising, the compressed renders and img2img."""
+    from nifi_utils.measure.metrics import periodic_artifact, stlpips
+
+    vae_psnr, vae_lp = _mean_psnr(rt, clean), float(stlpips(rt, clean).mean())
+    den_psnr, den_lp = _mean_psnr(den, clean), float(stlpips(den, clean).mean())
+    lp_in, lp_out = float(stlpips(lq, gt).mean()), float(stlpips(i2i, gt).mean())
+    lattice = {name: float((periodic_artifact(ims) - periodic_artifact(ref)).mean())
+               for name, ims, ref in (("vae", rt, clean), ("denoise_t0", den, clean), ("decoder_noise", nz, clean),
+                                      ("img2img", i2i, gt), ("compressed", lq, gt))}
+    return {
+        **{f"periodic_excess_{k}": v for k, v in lattice.items()},
+        "vae_psnr_db": vae_psnr, "vae_stlpips_alex": vae_lp,
+        "denoise_t0_psnr_db": den_psnr, "denoise_t0_stlpips_alex": den_lp, "denoise_gap_db": vae_psnr - den_psnr,
+        "img2img_pairs": len(lq), "img2img_steps": img2img_steps,
+        "compressed_stlpips_alex": lp_in, "img2img_stlpips_alex": lp_out,
+        "compressed_psnr_db": _mean_psnr(lq, gt), "img2img_psnr_db": _mean_psnr(i2i, gt),
+    }

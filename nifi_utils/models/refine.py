@@ -1,4 +1,4 @@
-"""Layer 5 (receiver): NiFi-3D, the restoration baked back into the decoded Gaussians.
+"""NiFi-3D, the restoration baked back into the decoded Gaussians.
 
 NiFi restores every rendered frame on its own: each frame costs a diffusion step and neighbouring
 frames disagree where the restorer invents detail. NiFi-3D does the restoring once, at the

@@ -1,4 +1,4 @@
-"""Layer 5 (models): the regression restorer, the strongest simple baseline (SwinIR's role in the paper's Table 1).
+"""The regression restorer, the strongest simple baseline (SwinIR's role in the paper's Table 1).
 
 A residual U-Net, out = x + f(x), with features at full, 1/2 and 1/4 resolution (width 32, 64, 128: 0.47 M
 parameters), trained on the distill stage's own pairs with NiFi's crops, batch, steps, seed stream and data loss

@@ -1,4 +1,4 @@
-"""Layer 5 (models): NiFi's one-step restorer on an SD3-architecture prior (diffusers + peft).
+"""NiFi's one-step restorer on an SD3-architecture prior (diffusers + peft).
 
 A prior folder has SD3's diffusers layout: `vae/`, `transformer/`, `scheduler/` (each
 `save_pretrained`), plus `embeddings/default.npz` and `embeddings/null.npz` with the official keys
@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from nifi_utils.core.facts import OFFICIAL_T0
 from nifi_utils.core.common import NifiError, load_weights
+# the restorer CLI's image reader and writer, with the lab's other image files (re-exported: the CLI imports them here)
+from nifi_utils.core.images import IMAGE_SUFFIXES, read_image, write_image  # noqa: F401
 
 TRANSFORMER_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj",
                             "linear", "proj_out"]
@@ -468,65 +470,3 @@ class Restorer:
         out = self.decode(z_hat, (h, w))
         return (out.float() * 0.5 + 0.5).clamp(0, 1).to(img01.device)
 
-
-# ---------------------------------------------------------------------- image files
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def read_image(path: str | Path) -> tuple[torch.Tensor, dict]:
-    """An image file as [1,3,H,W] float in [0,1], plus what is needed to write the result back in the
-    same layout: grayscale stays grayscale, an alpha channel is carried over, 16-bit stays 16-bit."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise NifiError(f"input image not found: {path}")
-    try:
-        im = Image.open(path)
-        im.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise NifiError(f"{path}: not a readable image ({e})") from None
-    info = {"mode": im.mode, "alpha": None, "bits": 8}
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im, dtype=np.float64)
-        scale = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        info["bits"] = 16 if scale > 255 else 8
-        rgb = np.repeat((a / scale)[..., None], 3, -1)
-        info["mode"] = "L"
-    elif im.mode == "F":
-        rgb = np.repeat(np.clip(np.asarray(im, np.float64), 0, 1)[..., None], 3, -1)
-        info["mode"] = "L"
-    else:
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            info["alpha"] = np.asarray(im.convert("RGBA"))[..., 3]
-        gray = im.mode in ("L", "LA", "1")
-        info["mode"] = "L" if gray else "RGB"
-        rgb = np.asarray(im.convert("RGB"), np.float64) / 255.0
-    t = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)[None].contiguous()
-    return t, info
-
-
-def write_image(path: str | Path, img01: torch.Tensor, info: dict | None = None) -> Path:
-    """Write [1,3,H,W] (or [3,H,W]) in [0,1] in the layout `read_image` recorded."""
-    from PIL import Image
-
-    info = info or {"mode": "RGB", "alpha": None, "bits": 8}
-    a = img01.detach().float().cpu().clamp(0, 1)
-    a = a[0] if a.ndim == 4 else a
-    rgb = a.permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if info["mode"] == "L":
-        gray = rgb @ np.array([0.299, 0.587, 0.114])
-        if info.get("bits", 8) == 16:
-            Image.fromarray((gray * 65535 + 0.5).astype(np.uint16)).save(path)
-            return path
-        out = Image.fromarray((gray * 255 + 0.5).astype(np.uint8), "L")
-        if info.get("alpha") is not None:
-            out = Image.merge("LA", (out, Image.fromarray(info["alpha"])))
-    else:
-        out = Image.fromarray((rgb * 255 + 0.5).astype(np.uint8), "RGB")
-        if info.get("alpha") is not None:
-            out.putalpha(Image.fromarray(info["alpha"]))
-    out.save(path)
-    return path

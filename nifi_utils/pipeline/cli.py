@@ -1,4 +1,4 @@
-"""Layer 7 (pipeline): the command line, `python -m nifi_utils <command>`.
+"""The command line, `python -m nifi_utils <command>`.
 
 User mistakes (missing file, malformed .ply or cameras, bad sizes, an output path that cannot be
 written) end with one `error:` line and exit status 2; nothing is written before the inputs are
@@ -47,8 +47,7 @@ def cmd_render(args) -> int:
 
 
 def _load_view_images(cams, images_dir: Path):
-    import numpy as np
-    from PIL import Image
+    from nifi_utils.core.images import read_rgb
 
     if not images_dir.is_dir():
         raise NifiError(f"--images folder not found: {images_dir}")
@@ -60,8 +59,7 @@ def _load_view_images(cams, images_dir: Path):
             if not cands:
                 raise NifiError(f"no image for frame {fp!r} in {images_dir}")
             p = cands[0]
-        with Image.open(p) as im:
-            out.append(np.asarray(im.convert("RGB")))
+        out.append(read_rgb(p))
     for cam, im in zip(cams, out):
         if im.shape[:2] != (cam.height, cam.width):
             raise NifiError(f"image {im.shape[1]}x{im.shape[0]} does not match its camera {cam.width}x{cam.height}")

@@ -1,4 +1,4 @@
-"""Layer 7 (pipeline): the notebooks the way JupyterLab opens them, in any order, with their committed parameters.
+"""The notebooks the way JupyterLab opens them, in any order, with their committed parameters.
 
 `require_inputs(stage, profile)` opens every stage notebook's setup cell: it reads the stage's dependencies from
 dvc.yaml, and where one that another stage makes is missing (or an empty folder) it stops the notebook with one

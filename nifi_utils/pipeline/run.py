@@ -1,4 +1,4 @@
-"""Layer 7 (pipeline): the papermill runner, `python -m nifi_utils.pipeline.run <stage> [--profile P]`.
+"""The papermill runner, `python -m nifi_utils.pipeline.run <stage> [--profile P]`.
 
 Reads the stage from dvc.yaml and its parameters from params.yaml (conf/ composed for another --profile),
 creates the output folders (DVC deletes outs before running a stage), executes the jupytext py:percent notebook with
@@ -38,15 +38,23 @@ def prepare_outputs(outs: list[Path]) -> None:
 
 def record_timing(profile: str, stage: str, seconds: float, load_start: float, load_end: float) -> Path:
     """Merge one stage's wall time into reports/<profile>/timings.json (committed, not a DVC output: every stage
-    writes its own entry, so docs/pipeline.md's stage table is made from what the last runs measured)."""
+    writes its own entry, so the stage times the docs quote are what the last runs measured)."""
     import datetime
     import json
 
     path = REPO_ROOT / "reports" / profile / "timings.json"
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        data = {}  # a damaged record is rewritten, not a reason to fail a finished stage
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            raise ValueError("not an object with a 'stages' object")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        # a finished stage does not fail for its record, and the other stages' records are not lost: the damaged
+        # file is kept aside, said in one line, and a new one started
+        aside = path.with_name(f"timings.damaged-{int(time.time())}.json")
+        path.replace(aside)
+        print(f"[nifi run] {_rel(path)} was damaged ({type(e).__name__}); kept as {_rel(aside)}, started anew",
+              file=sys.stderr, flush=True)
+        data = {}
     data.setdefault("what", "wall seconds of each stage's last run through python -m nifi_utils.pipeline.run (papermill, kernel start "
                             "included); load averages over 1 min at its start and end: above the core count = a busy machine")
     data.setdefault("stages", {})[stage] = {

@@ -1,4 +1,4 @@
-"""Layer 7 (pipeline): the `synthesis` stage's per-scene work (codec + renders + metrics), also the CLI's.
+"""The `synthesis` stage's per-scene work (codec + renders + metrics), also the CLI's.
 
 For a scene folder of the `scenes` stage: prune to L nested levels, fine-tune them (QAT), write
 each level as a `.nifi` bitstream, decode it, and render from the *decoded* scene:
@@ -25,7 +25,10 @@ from nifi_utils.codec import container as codec
 from nifi_utils.core.common import NifiError, progress
 from nifi_utils.codec.levels import (FinetuneConfig, finetune_levels, gradient_scores, level_sizes, opacity_volume_scores,
                      prune_levels)
+from nifi_utils.core.images import read_rgb, write_rgb
 from nifi_utils.gs.scenes import load_scene_folder
+
+OUTPUT_DIRS = ("bitstreams", "pairs", "renders", "records")  # what synthesize_scene writes under data_root
 
 
 @dataclass
@@ -75,24 +78,30 @@ def shard_of(items: list, shard: str) -> list:
     return [it for i, it in enumerate(items) if i % n == k]
 
 
-def load_images(folder: Path, cams) -> list[np.ndarray]:
-    from PIL import Image
+def scene_folders(scenes_root: Path) -> list[Path]:
+    """The scene folders of the `scenes` stage, sorted; none is one NifiError line."""
+    scenes_root = Path(scenes_root)
+    dirs = sorted(d for d in scenes_root.iterdir() if d.is_dir()) if scenes_root.is_dir() else []
+    if not dirs:
+        raise NifiError(f"no scenes in {scenes_root}: run the scenes stage first")
+    return dirs
 
+
+def clear_outputs(data_root: Path) -> None:
+    """Remove what `synthesize_scene` writes under `data_root` (two runs' outputs never mix)."""
+    for sub in OUTPUT_DIRS:
+        shutil.rmtree(Path(data_root) / sub, ignore_errors=True)
+
+
+def load_images(folder: Path, cams) -> list[np.ndarray]:
+    """The ground-truth views a scene's transforms.json lists, uint8 HxWx3."""
     out = []
     for fp in cams.file_paths:
         p = folder / fp
         if not p.is_file():
             raise NifiError(f"image {p} listed in transforms.json is missing")
-        with Image.open(p) as im:
-            out.append(np.asarray(im.convert("RGB")))
+        out.append(read_rgb(p))
     return out
-
-
-def _save_png(img: np.ndarray, path: Path):
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
 
 
 def render_uint8(scene, cams, background) -> list[np.ndarray]:
@@ -145,10 +154,10 @@ def synthesize_scene(scene_dir: str | Path, data_root: str | Path, cfg: Synthesi
     if out_r.exists():
         shutil.rmtree(out_r)
     for i in test_ids:
-        _save_png(images[i], out_r / "gt" / f"{view(i)}.png")
+        write_rgb(out_r / "gt" / f"{view(i)}.png", images[i])
     unc = render_uint8(scene, test_cams, bg)
     for i, im in zip(test_ids, unc):
-        _save_png(im, out_r / "uncompressed" / f"{view(i)}.png")
+        write_rgb(out_r / "uncompressed" / f"{view(i)}.png", im)
     gts = [images[i] for i in test_ids]
     record = {"scene": name, "split": split, "n_gaussians": len(scene), "ply_bytes": ply_bytes,
               "uncompressed": {"psnr": float(np.mean([psnr(a, b) for a, b in zip(unc, gts)])),
@@ -156,7 +165,7 @@ def synthesize_scene(scene_dir: str | Path, data_root: str | Path, cfg: Synthesi
               "levels": [], "finetune_loss": [h[1] for h in history], "timings": timings}
     if split == "train":
         for i in train_ids:
-            _save_png(images[i], data_root / "pairs" / name / "clean" / f"{view(i)}.png")
+            write_rgb(data_root / "pairs" / name / "clean" / f"{view(i)}.png", images[i])
     for l, sub in enumerate(level_scenes):
         t = time.time()
         enc = codec.encode_scene(sub, sh_degree=cfg.sh_degrees[l], bits=cfg.bits, pos_bits=cfg.pos_bits,
@@ -169,10 +178,10 @@ def synthesize_scene(scene_dir: str | Path, data_root: str | Path, cfg: Synthesi
         dec = dec.to(device)
         rend = render_uint8(dec, test_cams, bg)
         for i, im in zip(test_ids, rend):
-            _save_png(im, out_r / f"level{l}" / f"{view(i)}.png")
+            write_rgb(out_r / f"level{l}" / f"{view(i)}.png", im)
         if split == "train":
             for i, im in zip(train_ids, render_uint8(dec, tcams, bg)):
-                _save_png(im, data_root / "pairs" / name / f"level{l}" / f"{view(i)}.png")
+                write_rgb(data_root / "pairs" / name / f"level{l}" / f"{view(i)}.png", im)
         rec = {"level": l, "n_gaussians": len(sub), "sh_degree": cfg.sh_degrees[l],
                **codec.size_report(path.stat().st_size, ply_bytes),
                "psnr": float(np.mean([psnr(a, b) for a, b in zip(rend, gts)])),
@@ -196,13 +205,74 @@ def synthesize_scene(scene_dir: str | Path, data_root: str | Path, cfg: Synthesi
     return record
 
 
+def _bitstream_bytes(path: Path) -> int:
+    """A codec's output size: a file's bytes, or the bytes of every file under a folder (e.g. HAC++'s bitstreams/)."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def import_external_codec(entry: dict, data_root: Path, records: list[dict]) -> dict:
+    """Another codec's test-view renders of one scene at one rate, copied next to ours
+    (`renders/<scene>/external_<name>_<rate>/`) and scored against the ground truth as ours are; its record.
+
+    `entry`: `{name, scene, rate, folder, bytes}` or `{..., bitstreams}` (the codec's output file or folder, whose
+    size is the rate); `folder` (and `bitstreams`) relative to the repository root or absolute, one PNG per test
+    view named like the files in `renders/<scene>/gt/`. Everything is checked before anything is written: a
+    problem is one NifiError line naming the entry."""
+    from nifi_utils.core.common import repo_path
+    from nifi_utils.measure.metrics import psnr, stlpips
+
+    missing = [k for k in ("name", "scene", "rate", "folder") if k not in entry]
+    if missing:
+        raise NifiError(f"external codec entry {entry} lacks {', '.join(map(repr, missing))} "
+                        f"(needs name, scene, rate, folder and bytes or bitstreams)")
+    name, scene, rate = entry["name"], entry["scene"], entry["rate"]
+    data_root = Path(data_root)
+    gt_dir = data_root / "renders" / scene / "gt"
+    rec = next((r for r in records if r["scene"] == scene), None)
+    if rec is None or not gt_dir.is_dir():
+        raise NifiError(f"external codec {name}: scene {scene!r} is not a scene of this profile")
+    src = repo_path(entry["folder"])
+    if not src.is_dir():
+        raise NifiError(f"external codec {name}: folder {src} not found")
+    if entry.get("bitstreams"):
+        bs = repo_path(entry["bitstreams"])
+        if not bs.exists():
+            raise NifiError(f"external codec {name}: bitstreams {bs} not found")
+        nbytes = _bitstream_bytes(bs)
+    else:
+        try:
+            nbytes = int(entry.get("bytes", 0))
+        except (TypeError, ValueError):
+            nbytes = 0
+    if nbytes <= 0:
+        raise NifiError(f"external codec {name}: give `bytes` (the bitstream size) or `bitstreams` (its path)")
+    gt_files = sorted(gt_dir.glob("*.png"))
+    if not gt_files:
+        raise NifiError(f"external codec {name}: no ground-truth test views in {gt_dir} (run the synthesis stage)")
+    pairs = []
+    for gt_file in gt_files:
+        cand = src / gt_file.name
+        if not cand.is_file():
+            raise NifiError(f"external codec {name}: {cand} missing (one PNG per test view)")
+        im, gt = read_rgb(cand), read_rgb(gt_file)
+        if im.shape != gt.shape:
+            raise NifiError(f"external codec {name}: {cand.name} is {im.shape}, GT is {gt.shape}")
+        pairs.append((gt_file.name, im, gt))
+    dst = data_root / "renders" / scene / f"external_{name}_{rate}"
+    ps, ls = [], []
+    for fname, im, gt in pairs:
+        write_rgb(dst / fname, im)
+        ps.append(psnr(im, gt))
+        ls.append(float(stlpips(im, gt)))
+    return {"name": name, "scene": scene, "rate": rate, "bytes": nbytes, "MB": nbytes / 1e6, "MiB": nbytes / 2**20,
+            "ratio_to_ply": rec["ply_bytes"] / nbytes, "psnr": float(np.mean(ps)), "stlpips_alex": float(np.mean(ls)),
+            "folder": str(dst.relative_to(data_root))}
+
+
 def synthesize(scene_dirs: list[Path], data_root: Path, cfg: SynthesisConfig, seed: int, shard: str = "0/1",
                device="cpu") -> list[dict]:
     return [synthesize_scene(d, data_root, cfg, seed, device) for d in progress(shard_of(scene_dirs, shard),
                                                                                 desc="synthesis")]
-
-
-OUTPUT_DIRS = ("bitstreams", "pairs", "renders", "records")  # what synthesize_scene writes under data_root
 
 
 def synthesize_ranks(scene_dirs: list[Path], data_root: Path, cfg: SynthesisConfig, seed: int,
@@ -216,8 +286,7 @@ def synthesize_ranks(scene_dirs: list[Path], data_root: Path, cfg: SynthesisConf
     try:
         recs = launch("nifi_utils.pipeline.synthesis", job, processes, what="scene")
     except NifiError:
-        for sub in OUTPUT_DIRS:
-            shutil.rmtree(Path(data_root) / sub, ignore_errors=True)
+        clear_outputs(data_root)
         raise
     by_name = {r["scene"]: r for r in recs}
     return [by_name[Path(d).name] for d in scene_dirs]
@@ -225,17 +294,16 @@ def synthesize_ranks(scene_dirs: list[Path], data_root: Path, cfg: SynthesisConf
 
 def rank_main(argv: list[str] | None = None) -> int:
     """One rank of `synthesize_ranks`: `python -m nifi_utils.pipeline.synthesis JOB.pkl RECORDS.pkl` under `accelerate launch`."""
-    import pickle
     import sys
 
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from nifi_utils.core.launch import finish_rank, run_rank_jobs
+    from nifi_utils.core.launch import finish_rank, rank_jobs, run_rank_jobs
 
     job_path, out_path = argv if argv is not None else sys.argv[1:]
     state = PartialState(cpu=not torch.cuda.is_available())
-    job = pickle.loads(Path(job_path).read_bytes())
+    job = rank_jobs(state, job_path)
     mine = shard_of(job["scene_dirs"], f"{state.process_index}/{state.num_processes}")
     recs = run_rank_jobs(state.process_index, progress(mine, desc=f"synthesis rank {state.process_index}"),
                          lambda d: synthesize_scene(d, job["data_root"], job["cfg"], job["seed"], state.device),

@@ -4,7 +4,7 @@
 load at its start and end, into reports/<profile>/timings.json. This prints them as a markdown table and, with
 `--write`, writes it into docs/pipeline.md between the `<!-- stage-times:begin -->` / `<!-- stage-times:end -->` lines.
 
-    python benchmarks/stage_times.py [--profile cpu] [--write]
+    python scripts/stage_times.py [--profile cpu] [--write]
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ step, and tracks held-out PSNR (the gate's images, noise and decoding) as they t
 - an `SD3Transformer2DModel` of 8 layers x 384 wide (41 M parameters; the prior's is 4 x 128).
 Both train under bf16 autocast with an EMA copy; reference rows: the VAE round trip, the noisy latent
 decoded, and the committed prior's one step. Meant for a GPU (minutes); on a CPU set --seconds low.
-Writes benchmarks/results/prior_denoise_ceiling.json.
+Writes studies/results/prior_denoise_ceiling.json.
 
-    python benchmarks/prior_denoise_ceiling.py [--profile cpu] [--seconds 140] [--out FILE]
+    python studies/prior_denoise_ceiling.py [--profile cpu] [--seconds 140] [--out FILE]
 """
 import argparse
 import json
@@ -34,7 +34,7 @@ from nifi_utils.models.restorer import Restorer  # noqa: E402
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--profile", default="cpu")
 ap.add_argument("--seconds", type=float, default=140.0, help="training time per denoiser")
-ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prior_denoise_ceiling.json"))
+ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "prior_denoise_ceiling.json"))
 args = ap.parse_args()
 torch.manual_seed(0)
 dev = "cuda" if torch.cuda.is_available() else "cpu"

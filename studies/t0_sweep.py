@@ -8,11 +8,11 @@ Beside each, the prior's own untrained one step from the same t0 (the floor dist
 compressed inputs. At the smallest timestep sigma_t0 equals the step's target sigma, so the Euler step is zero
 and only the encoder's LoRA can act (a restorer that is a fine-tuned autoencoder round trip).
 
-Writes benchmarks/results/t0_sweep.json and t0_sweep.png. `--untrained-only` scores only the prior's own one step
+Writes studies/results/t0_sweep.json and t0_sweep.png. `--untrained-only` scores only the prior's own one step
 at each t0 (seconds, no distillation), e.g. to compare another prior folder (`--base-model`) with the stage's.
 
-    python benchmarks/t0_sweep.py [--profile cpu] [--steps 300] [--t0 none,399,199,99,49,min]
-    python benchmarks/t0_sweep.py --untrained-only --base-model OTHER_PRIOR --out benchmarks/results/OTHER.json
+    python studies/t0_sweep.py [--profile cpu] [--steps 300] [--t0 none,399,199,99,49,min]
+    python studies/t0_sweep.py --untrained-only --base-model OTHER_PRIOR --out studies/results/OTHER.json
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lattice-weight", type=float, default=None, help="default: the profile's distill.lattice_weight")
     ap.add_argument("--base-model", default=None, help="the prior folder (default: the profile's distill.base_model)")
     ap.add_argument("--untrained-only", action="store_true", help="only the prior's own one step at each t0")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "t0_sweep.json"))
+    ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "t0_sweep.json"))
     args = ap.parse_args(argv)
 
     from nifi_utils.core.common import provenance

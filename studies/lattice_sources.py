@@ -8,9 +8,9 @@ the lattice, at the start and the end for all. The compressed inputs are the row
 
 Variants (overrides of the base config): the loss terms one by one (`no_tsd`, `no_perc`, `l2_only`), the
 lattice term (`lattice_w<W>`: `lattice_weight` W), smaller t0 with and without it, and the LoRA rank.
-Writes benchmarks/results/lattice_sources.json.
+Writes studies/results/lattice_sources.json.
 
-    python benchmarks/lattice_sources.py [--profile cpu] [--steps 300] [--variants nifi,lattice_w1,...]
+    python studies/lattice_sources.py [--profile cpu] [--steps 300] [--variants nifi,lattice_w1,...]
 """
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ VARIANTS = {
     "t0_49_lattice_w20": {"lattice_weight": 20.0, "t0": 49},
     "lattice_w1_l2x4": {"lattice_weight": 1.0, "l2_weight": 4.0},
     "rank64": {"lattice_weight": 0.0, "rank": 64, "critic_rank": 64},
-    # issue 30: which VAE modules phi- adapts and which network it trains on (the profile's: decoder LoRA, vgg)
+    # which VAE modules phi- adapts and which network it trains on (the profile's: decoder LoRA, vgg)
     "recipe": {},
     "encoder_only": {"vae_lora": "encoder"},
     "recipe_no_tsd": {"tsd_weight": 0.0},
     "recipe_wo_t0": {"t0": None},
     "recipe_no_lattice": {"lattice_weight": 0.0},
 }
-# what benchmarks/results/lattice_sources.json holds (the screen behind the cpu profile's lattice_weight and t0)
+# what studies/results/lattice_sources.json holds (the screen behind the cpu profile's lattice_weight and t0)
 DEFAULT = "nifi,lattice_w5,lattice_w20,t0_49,t0_49_lattice_w5,t0_49_lattice_w20"
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lattice_sources.json"))
+    ap.add_argument("--out", default=str(ROOT / "studies" / "results" / "lattice_sources.json"))
     args = ap.parse_args(argv)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
