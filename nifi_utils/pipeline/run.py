@@ -55,8 +55,8 @@ def record_timing(profile: str, stage: str, seconds: float, load_start: float, l
         print(f"[nifi run] {_rel(path)} was damaged ({type(e).__name__}); kept as {_rel(aside)}, started anew",
               file=sys.stderr, flush=True)
         data = {}
-    data.setdefault("what", "wall seconds of each stage's last run through python -m nifi_utils.pipeline.run (papermill, kernel start "
-                            "included); load averages over 1 min at its start and end: above the core count = a busy machine")
+    data["what"] = ("wall seconds of each stage's last run through python -m nifi_utils.pipeline.run (papermill, kernel start "
+                  "included); load averages over 1 min at its start and end: above the core count = a busy machine")
     data.setdefault("stages", {})[stage] = {
         "seconds": round(seconds, 1), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cores": os.cpu_count(), "load_1min_start": round(load_start, 2), "load_1min_end": round(load_end, 2)}
