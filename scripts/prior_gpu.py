@@ -205,6 +205,7 @@ def _heldout_check(folder: Path, held: torch.Tensor, t0: int, seed: int, device)
     """The stage's one-step-denoising gate, on the saved fp16 folder read back in fp32: VAE round-trip and
     one-step denoising PSNR at t0 (the stage recomputes all gates where it runs)."""
     from nifi_utils.measure.metrics import psnr
+    from nifi_utils.models.prior import denoise_from_t0
     from nifi_utils.models.restorer import Restorer
 
     r = Restorer.from_pretrained(folder, device=device)
@@ -217,8 +218,7 @@ def _heldout_check(folder: Path, held: torch.Tensor, t0: int, seed: int, device)
             z = r.encode(x, sample=False)
             rt.append(r.decode(z, x.shape[-2:]).clamp(-1, 1).cpu())
             noise = torch.randn(z.shape, generator=g).to(z)
-            x_t = s0 * noise + (1 - s0) * z
-            den.append(r.decode(x_t - s0 * r.velocity(x_t, t0), x.shape[-2:]).clamp(-1, 1).cpu())
+            den.append(r.decode(denoise_from_t0(r, z, t0, noise), x.shape[-2:]).clamp(-1, 1).cpu())
     clean = held * 0.5 + 0.5
     rt, den = torch.cat(rt) * 0.5 + 0.5, torch.cat(den) * 0.5 + 0.5
     vae = float(np.mean([psnr(a[None], b[None]) for a, b in zip(rt, clean)]))

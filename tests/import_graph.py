@@ -12,7 +12,7 @@ PACKAGE = "nifi_utils"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _file_of(dotted: str, root: Path) -> Path | None:
+def module_file(dotted: str, root: Path = ROOT) -> Path | None:
     """The file that defines module `dotted` (a package's `__init__.py`), or None."""
     base = root.joinpath(*dotted.split("."))
     if (base / "__init__.py").is_file():
@@ -25,7 +25,7 @@ def _file_of(dotted: str, root: Path) -> Path | None:
 def _with_parents(dotted: str, root: Path) -> list[Path]:
     """The module's file and the `__init__.py` of every package above it (Python runs them all)."""
     parts = dotted.split(".")
-    out = [f for i in range(1, len(parts) + 1) if (f := _file_of(".".join(parts[:i]), root))]
+    out = [f for i in range(1, len(parts) + 1) if (f := module_file(".".join(parts[:i]), root))]
     return out
 
 
@@ -60,7 +60,7 @@ def direct_imports(path: Path, root: Path = ROOT) -> set[Path]:
                 continue
             out.update(_with_parents(base, root))
             for a in node.names:  # `from nifi_utils.x import y`: y may be a module
-                if (f := _file_of(f"{base}.{a.name}", root)) is not None:
+                if (f := module_file(f"{base}.{a.name}", root)) is not None:
                     out.add(f)
     out.discard(path)
     return out

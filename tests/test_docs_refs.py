@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from import_graph import module_file
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -75,15 +77,6 @@ DOTTED_RE = re.compile(r"(?<![\w./-])(nifi_utils(?:\.[A-Za-z_]\w*)+)")
 OTHER_RE = re.compile(r"(?<![\w-])(?:\.\./)?((?:benchmarks|studies|scripts|tests|notebooks|conf)/[\w./-]*[\w/])")
 
 
-def _module_file(dotted: str) -> Path | None:
-    base = ROOT.joinpath(*dotted.split("."))
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
 def _names(body: list[ast.stmt]) -> set[str]:
     """Names a module (or class) body binds: functions, classes, assignments, imports (re-exports count)."""
     out = set()
@@ -105,7 +98,7 @@ def resolve_dotted(dotted: str) -> str | None:
     else what is missing."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
-        f = _module_file(".".join(parts[:i]))
+        f = module_file(".".join(parts[:i]))
         if f is not None:
             break
     else:
